@@ -1,0 +1,1 @@
+"""The feedback store: predictions from Kafka, corrections, and the review queue."""

@@ -1,0 +1,3 @@
+"""Flywheel: a model-serving microservice with a continuous data feedback loop."""
+
+__version__ = "0.1.0"

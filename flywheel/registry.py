@@ -1,0 +1,204 @@
+"""The model registry: versions in the BentoML model store and a durable champion pointer."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from flywheel.errors import RegistryError
+from flywheel.settings import Settings
+from flywheel.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "flywheel-classifier"
+MODEL_SUBDIR = "model"
+CARD_FILE = "card.json"
+TRAINING_DATA_FILE = "training_data.parquet"
+
+
+class ModelCard(BaseModel):
+    """Everything known about one trained model version, stored beside its weights."""
+
+    version: str = ""
+    labels: list[str]
+    base_model: str
+    parent_version: str | None = None
+    max_length: int
+    data_sha256: str
+    holdout_sha256: str
+    train_rows: int
+    validation_rows: int
+    holdout_metrics: dict[str, Any]
+    validation_metrics: dict[str, Any]
+    quality_report: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    training_seconds: float
+    epochs_run: int
+    stopped_because: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class ModelVersion(BaseModel):
+    """A registry entry: the card and where the files are."""
+
+    version: str
+    path: Path
+    card: ModelCard
+
+    @property
+    def model_dir(self) -> Path:
+        """Directory holding ``save_pretrained`` output."""
+        return self.path / MODEL_SUBDIR
+
+    @property
+    def training_data_path(self) -> Path:
+        """Parquet file with the rows this version was trained on."""
+        return self.path / TRAINING_DATA_FILE
+
+
+class PointerChange(BaseModel):
+    """One change of the champion pointer."""
+
+    action: Literal["promote", "rollback"]
+    version: str
+    previous: str | None
+    reason: str
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class ChampionPointer(BaseModel):
+    """The version that should serve, the stack rollback walks back, and the change history."""
+
+    stack: list[str] = Field(default_factory=list)
+    history: list[PointerChange] = Field(default_factory=list)
+
+    @property
+    def champion(self) -> str | None:
+        """The serving version, if any."""
+        return self.stack[-1] if self.stack else None
+
+
+class ModelRegistry:
+    """Versions of ``flywheel-classifier`` in the BentoML store plus the champion pointer file."""
+
+    def __init__(self, settings: Settings) -> None:
+        # BentoML resolves its home lazily on first store access; pointing it here keeps all state in one home.
+        os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+        os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+        self.directory = settings.home / "registry"
+        self.pointer_path = self.directory / "champion.json"
+        self._lock_path = self.directory / ".lock"
+
+    def save(self, card: ModelCard, write: Callable[[Path], None]) -> ModelVersion:
+        """Create a new version; ``write(dir)`` saves the model files into ``dir / "model"``."""
+        import bentoml
+
+        with bentoml.models.create(
+            MODEL_NAME,
+            labels={"task": "text-classification"},
+            metadata={"labels": card.labels, "base_model": card.base_model, "parent": card.parent_version or ""},
+        ) as stored:
+            card.version = stored.tag.version or ""
+            path = Path(stored.path)
+            (path / MODEL_SUBDIR).mkdir()
+            write(path)
+            (path / CARD_FILE).write_text(card.model_dump_json(indent=2))
+        logger.info("saved model %s:%s", MODEL_NAME, card.version)
+        return self.get(card.version)
+
+    def get(self, version: str) -> ModelVersion:
+        """The stored version, or a RegistryError naming the known ones."""
+        import bentoml
+        from bentoml.exceptions import NotFound
+
+        try:
+            stored = bentoml.models.get(f"{MODEL_NAME}:{version}")
+        except (NotFound, ValueError) as exc:
+            known = ", ".join(v.version for v in self.list()[-5:]) or "none"
+            raise RegistryError(f"model version {version!r} not found (latest: {known})") from exc
+        path = Path(stored.path)
+        card = ModelCard.model_validate_json((path / CARD_FILE).read_text())
+        return ModelVersion(version=stored.tag.version or version, path=path, card=card)
+
+    def list(self) -> list[ModelVersion]:
+        """All versions, oldest first."""
+        import bentoml
+
+        versions = []
+        for stored in bentoml.models.list(MODEL_NAME):
+            path = Path(stored.path)
+            card_path = path / CARD_FILE
+            if card_path.is_file():
+                versions.append(
+                    ModelVersion(
+                        version=stored.tag.version or "",
+                        path=path,
+                        card=ModelCard.model_validate_json(card_path.read_text()),
+                    )
+                )
+        return sorted(versions, key=lambda v: v.card.created_at)
+
+    def pointer(self) -> ChampionPointer:
+        """The champion pointer as stored (empty when nothing was promoted yet)."""
+        if not self.pointer_path.is_file():
+            return ChampionPointer()
+        return ChampionPointer.model_validate_json(self.pointer_path.read_text())
+
+    def champion(self) -> str | None:
+        """The version that should serve."""
+        return self.pointer().champion
+
+    def champion_version(self) -> ModelVersion:
+        """The champion's registry entry, or an error telling the user how to get one."""
+        version = self.champion()
+        if version is None:
+            raise RegistryError("no champion model yet: run `flywheel train --data PATH` first")
+        return self.get(version)
+
+    def promote(self, version: str, reason: str = "manual") -> PointerChange:
+        """Make ``version`` the champion (atomic pointer swap)."""
+        self.get(version)
+        with self._locked() as pointer:
+            change = PointerChange(action="promote", version=version, previous=pointer.champion, reason=reason)
+            if pointer.champion != version:
+                pointer.stack.append(version)
+            pointer.history.append(change)
+            self._write(pointer)
+        logger.info("champion is now %s (%s)", version, reason)
+        return change
+
+    def rollback(self, reason: str = "manual rollback") -> PointerChange:
+        """Restore the champion before the current one."""
+        with self._locked() as pointer:
+            if len(pointer.stack) < 2:
+                raise RegistryError("nothing to roll back to: the current champion is the first one promoted")
+            current = pointer.stack.pop()
+            change = PointerChange(action="rollback", version=pointer.stack[-1], previous=current, reason=reason)
+            pointer.history.append(change)
+            self._write(pointer)
+        logger.info("rolled back champion %s -> %s", change.previous, change.version)
+        return change
+
+    @contextmanager
+    def _locked(self) -> Iterator[ChampionPointer]:
+        # Two processes promoting at once must not both read the old pointer and lose one change.
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self.pointer()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, pointer: ChampionPointer) -> None:
+        atomic_write_text(self.pointer_path, json.dumps(pointer.model_dump(mode="json"), indent=2))

@@ -1,0 +1,1 @@
+"""Drift reports that compare recent traffic with the training set."""

@@ -1,0 +1,1 @@
+"""Training, evaluation and the retrain loop that turns feedback into better models."""

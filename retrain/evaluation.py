@@ -1,0 +1,77 @@
+"""Classification metrics on a labeled set: accuracy, per-class P/R/F1, macro-F1, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from flywheel.classifier import Classifier
+
+
+class ClassMetrics(BaseModel):
+    """Precision, recall and F1 of one label."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Metrics(BaseModel):
+    """Scores of one model on one labeled set."""
+
+    rows: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, ClassMetrics]
+    labels: list[str]
+    confusion_matrix: list[list[int]]
+
+    def table(self, title: str = "evaluation") -> Table:
+        """A rich table for the CLI."""
+        table = Table(title=f"{title}: accuracy {self.accuracy:.4f}, macro-F1 {self.macro_f1:.4f}, n={self.rows}")
+        for column in ("label", "precision", "recall", "f1", "support"):
+            table.add_column(column, justify="left" if column == "label" else "right")
+        for label, m in self.per_class.items():
+            table.add_row(label, f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}", str(m.support))
+        return table
+
+    def render(self, title: str = "evaluation") -> str:
+        """The table as plain text."""
+        console = Console(width=100, record=True, file=None)
+        with console.capture() as capture:
+            console.print(self.table(title))
+        return capture.get()
+
+
+def score(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> Metrics:
+    """Metrics of predictions against the truth over a fixed label order."""
+    labels = list(labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return Metrics(
+        rows=len(y_true),
+        accuracy=round(float(accuracy_score(y_true, y_pred)), 6),
+        macro_f1=round(float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6),
+        per_class={
+            label: ClassMetrics(
+                precision=round(float(p), 6), recall=round(float(r), 6), f1=round(float(f), 6), support=int(s)
+            )
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)
+        },
+        labels=labels,
+        confusion_matrix=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    )
+
+
+def evaluate(classifier: Classifier, frame: pd.DataFrame, batch_size: int = 64) -> Metrics:
+    """Run ``classifier`` over a ``text``/``label`` frame and score it."""
+    result = classifier.predict_proba(frame["text"].tolist(), batch_size=batch_size)
+    predicted = [classifier.labels[i] for i in result.probs.argmax(axis=1)]
+    return score(frame["label"].tolist(), predicted, classifier.labels)

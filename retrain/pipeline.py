@@ -1,0 +1,114 @@
+"""From a labeled frame to a registered, evaluated model: clean, split, fine-tune, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from flywheel.errors import DatasetError
+from flywheel.registry import TRAINING_DATA_FILE, ModelCard, ModelRegistry, ModelVersion
+from flywheel.settings import Settings
+from retrain.evaluation import Metrics, evaluate
+from retrain.holdout import GoldenHoldout, HoldoutInfo, content_hash, stratified_split
+from retrain.quality import QualityPipeline, QualityReport, dedupe_key
+from retrain.trainer import Trainer, TrainingResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingOutcome:
+    """A registered model with its reports and whether it now serves."""
+
+    version: ModelVersion
+    quality: QualityReport
+    holdout: HoldoutInfo
+    holdout_metrics: Metrics
+    training: TrainingResult
+    promoted: bool
+
+
+class TrainingPipeline:
+    """Runs the whole training recipe against the registry and the golden holdout."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, trainer: Trainer | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.trainer = trainer or Trainer(settings)
+        self.holdout = GoldenHoldout(settings.home / "holdout")
+
+    def prepare(self, raw: pd.DataFrame) -> tuple[pd.DataFrame, QualityReport, pd.DataFrame, HoldoutInfo]:
+        """Clean ``raw``; freeze the holdout on first use, else remove holdout texts from the data."""
+        allowed = self.holdout.info().labels if self.holdout.exists() else None
+        cleaned, report = QualityPipeline(self.settings.max_text_chars, allowed_labels=allowed).run(raw)
+        if self.holdout.exists():
+            holdout = self.holdout.load()
+            # Rows of the frozen holdout must never be trained on, or its scores stop meaning anything.
+            held = set(holdout["text"].map(dedupe_key))
+            cleaned = cleaned[~cleaned["text"].map(dedupe_key).isin(held)].reset_index(drop=True)
+            if cleaned.empty:
+                raise DatasetError("every cleaned row is part of the golden holdout; nothing is left to train on")
+            return cleaned, report, holdout, self.holdout.info()
+        rest, holdout = stratified_split(cleaned, self.settings.holdout_fraction, self.settings.seed, "holdout")
+        info = self.holdout.freeze(holdout)
+        return rest, report, holdout, info
+
+    def run(
+        self,
+        raw: pd.DataFrame,
+        base: str | None = None,
+        warm_start: str | None = None,
+        promote: bool = False,
+        sample_weight_column: str | None = None,
+    ) -> TrainingOutcome:
+        """Train a new version from ``raw``; warm-start from a registry version when given."""
+        data, report, holdout, info = self.prepare(raw)
+        labels = info.labels
+        missing = sorted(set(labels) - set(data["label"]))
+        if missing:
+            raise DatasetError(f"training data has no rows for labels {missing} that the golden holdout has")
+        train, validation = stratified_split(data, self.settings.validation_fraction, self.settings.seed, "validation")
+        init_from = self.registry.get(warm_start).model_dir.as_posix() if warm_start else (base or self.settings.base_model)
+        logger.info("training on %d rows, validating on %d, from %s", len(train), len(validation), init_from)
+        weights = train[sample_weight_column] if sample_weight_column else None
+        result = self.trainer.train(train, validation, labels, init_from, sample_weight=weights)
+        holdout_metrics = evaluate(result.classifier(self.settings.max_length), holdout)
+        card = ModelCard(
+            labels=labels,
+            base_model=base or self.settings.base_model,
+            parent_version=warm_start,
+            max_length=self.settings.max_length,
+            data_sha256=content_hash(data),
+            holdout_sha256=info.sha256,
+            train_rows=len(train),
+            validation_rows=len(validation),
+            holdout_metrics=holdout_metrics.model_dump(),
+            validation_metrics=result.validation.model_dump(),
+            quality_report=report.model_dump(),
+            hyperparameters=self.trainer.hyperparameters(),
+            training_seconds=result.seconds,
+            epochs_run=result.epochs_run,
+            stopped_because=result.stopped_because,
+        )
+
+        def write(path: Path) -> None:
+            result.save(path / "model")
+            train[["text", "label"]].to_parquet(path / TRAINING_DATA_FILE, index=False)
+            (path / "metrics.json").write_text(holdout_metrics.model_dump_json(indent=2))
+            (path / "quality_report.json").write_text(report.model_dump_json(indent=2))
+
+        version = self.registry.save(card, write)
+        first = self.registry.champion() is None
+        if first or promote:
+            self.registry.promote(version.version, reason="first model" if first else "trained with --promote")
+        return TrainingOutcome(
+            version=version,
+            quality=report,
+            holdout=info,
+            holdout_metrics=holdout_metrics,
+            training=result,
+            promoted=first or promote,
+        )

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny base model, a synthetic dataset, an isolated state directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flywheel.broker import EmbeddedBroker
+from flywheel.settings import Settings
+from tests.support import build_tiny_base, synthetic_sentiment
+
+TINY_TRAINING_ENV = {
+    "FLYWHEEL_EPOCHS": "4",
+    "FLYWHEEL_LEARNING_RATE": "0.002",
+    "FLYWHEEL_BATCH_SIZE": "16",
+    "FLYWHEEL_MAX_LENGTH": "32",
+    "FLYWHEEL_PATIENCE": "4",
+    "FLYWHEEL_TORCH_THREADS": "2",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised BERT saved as a local base model."""
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 rows of the easy synthetic sentiment task as CSV."""
+    path = tmp_path_factory.mktemp("data") / "synthetic.csv"
+    synthetic_sentiment(400).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def flywheel_env(tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for an isolated Flywheel home that trains the tiny model fast."""
+    env = {
+        "FLYWHEEL_HOME": str(tmp_path / "home"),
+        "FLYWHEEL_BASE_MODEL": str(tiny_base),
+        **TINY_TRAINING_ENV,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    return env
+
+
+@pytest.fixture()
+def settings(flywheel_env: dict[str, str]) -> Iterator[Settings]:
+    """Settings for the isolated home; BentoML's home follows it."""
+    yield Settings()
+    os.environ.pop("BENTOML_HOME", None)
+
+
+@pytest.fixture(scope="session")
+def synthetic_frame() -> pd.DataFrame:
+    """The synthetic task as a frame."""
+    return synthetic_sentiment(400)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Kafka-protocol broker (tansu) on a free loopback port, shared by the session."""
+    embedded = EmbeddedBroker(port=free_port()).start()
+    yield embedded
+    embedded.stop()
