@@ -10,9 +10,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from bentoml._internal.models import ModelStore
 
 from flywheel.errors import RegistryError
 from flywheel.settings import Settings
@@ -92,9 +95,9 @@ class ModelRegistry:
     """Versions of ``flywheel-classifier`` in the BentoML store plus the champion pointer file."""
 
     def __init__(self, settings: Settings) -> None:
-        # BentoML resolves its home lazily on first store access; pointing it here keeps all state in one home.
-        os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
         os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+        #: BentoML home holding the model store: the state dir's, unless BENTOML_HOME says otherwise.
+        self.bentoml_home = Path(os.environ.get("BENTOML_HOME") or settings.bentoml_home)
         self.directory = settings.home / "registry"
         self.pointer_path = self.directory / "champion.json"
         self._lock_path = self.directory / ".lock"
@@ -105,6 +108,7 @@ class ModelRegistry:
 
         with bentoml.models.create(
             MODEL_NAME,
+            _model_store=self._store(),
             labels={"task": "text-classification"},
             metadata={"labels": card.labels, "base_model": card.base_model, "parent": card.parent_version or ""},
         ) as stored:
@@ -122,7 +126,7 @@ class ModelRegistry:
         from bentoml.exceptions import NotFound
 
         try:
-            stored = bentoml.models.get(f"{MODEL_NAME}:{version}")
+            stored = bentoml.models.get(f"{MODEL_NAME}:{version}", _model_store=self._store())
         except (NotFound, ValueError) as exc:
             known = ", ".join(v.version for v in self.list()[-5:]) or "none"
             raise RegistryError(f"model version {version!r} not found (latest: {known})") from exc
@@ -135,7 +139,7 @@ class ModelRegistry:
         import bentoml
 
         versions = []
-        for stored in bentoml.models.list(MODEL_NAME):
+        for stored in bentoml.models.list(MODEL_NAME, _model_store=self._store()):
             path = Path(stored.path)
             card_path = path / CARD_FILE
             if card_path.is_file():
@@ -147,6 +151,14 @@ class ModelRegistry:
                     )
                 )
         return sorted(versions, key=lambda v: v.card.created_at)
+
+    def _store(self) -> ModelStore:
+        # An explicit store, not BentoML's process-wide singleton, so one process can use several homes.
+        from bentoml._internal.models import ModelStore
+
+        path = self.bentoml_home / "models"
+        path.mkdir(parents=True, exist_ok=True)
+        return ModelStore(path)
 
     def pointer(self) -> ChampionPointer:
         """The champion pointer as stored (empty when nothing was promoted yet)."""

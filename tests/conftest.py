@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +36,31 @@ def synthetic_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, str]:
+    """A state directory whose registry holds one tiny champion model; returns its FLYWHEEL_* env.
+
+    Session-scoped and shared: tests that change the registry copy it with ``copy_home`` first.
+    """
+    from flywheel.registry import ModelRegistry
+    from retrain.pipeline import TrainingPipeline
+    from retrain.trainer import Trainer
+
+    home = tmp_path_factory.mktemp("trained") / "home"
+    env = {"FLYWHEEL_HOME": str(home), "FLYWHEEL_BASE_MODEL": str(tiny_base), **TINY_TRAINING_ENV}
+    settings = Settings(**{k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items()})
+    TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(synthetic_sentiment(400))
+    return env
+
+
+def copy_home(env: dict[str, str], destination: Path) -> dict[str, str]:
+    """Copy a Flywheel home (registry included) so a test can change it; returns the new env."""
+    import shutil
+
+    shutil.copytree(env["FLYWHEEL_HOME"], destination)
+    return {**env, "FLYWHEEL_HOME": str(destination)}
+
+
 @pytest.fixture()
 def flywheel_env(tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment for an isolated Flywheel home that trains the tiny model fast."""
@@ -52,10 +76,9 @@ def flywheel_env(tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture()
-def settings(flywheel_env: dict[str, str]) -> Iterator[Settings]:
-    """Settings for the isolated home; BentoML's home follows it."""
-    yield Settings()
-    os.environ.pop("BENTOML_HOME", None)
+def settings(flywheel_env: dict[str, str]) -> Settings:
+    """Settings for the isolated home."""
+    return Settings()
 
 
 @pytest.fixture(scope="session")
