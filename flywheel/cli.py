@@ -17,7 +17,8 @@ from flywheel.settings import Settings
 app = typer.Typer(help="Flywheel: serve a text classifier and improve it from feedback.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect the model registry and move the champion pointer.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped output is not cut to 80 columns: version ids and tables must stay whole for scripts.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _settings() -> Settings:

@@ -137,9 +137,14 @@ class ModelRegistry:
     def list(self) -> list[ModelVersion]:
         """All versions, oldest first."""
         import bentoml
+        from bentoml.exceptions import NotFound
 
+        try:
+            stored_models = bentoml.models.list(MODEL_NAME, _model_store=self._store())
+        except NotFound:
+            return []
         versions = []
-        for stored in bentoml.models.list(MODEL_NAME, _model_store=self._store()):
+        for stored in stored_models:
             path = Path(stored.path)
             card_path = path / CARD_FILE
             if card_path.is_file():

@@ -1,0 +1,118 @@
+"""End-to-end fine-tuning with the tiny BERT: registry, golden holdout, champion pointer, model behaviour."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from flywheel.classifier import Classifier
+from flywheel.errors import DatasetError, RegistryError
+from flywheel.registry import ModelRegistry
+from flywheel.settings import Settings
+from retrain.holdout import GoldenHoldout
+from retrain.pipeline import TrainingPipeline
+from retrain.trainer import Trainer
+from tests.support import NEGATIVE_WORDS, POSITIVE_WORDS, synthetic_sentiment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def pipeline(settings: Settings) -> TrainingPipeline:
+    return TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False))
+
+
+def test_first_model_becomes_champion_with_sane_metrics(pipeline: TrainingPipeline, settings: Settings) -> None:
+    outcome = pipeline.run(synthetic_sentiment(400))
+    registry = pipeline.registry
+    assert registry.champion() == outcome.version.version
+    assert outcome.promoted
+    card = registry.get(outcome.version.version).card
+    assert card.labels == ["negative", "positive"]
+    assert card.holdout_metrics["macro_f1"] >= 0.8, card.holdout_metrics
+    assert set(card.holdout_metrics["per_class"]) == {"negative", "positive"}
+    assert card.quality_report["rows_in"] == 400
+    assert (outcome.version.path / "metrics.json").is_file()
+    assert pd.read_parquet(outcome.version.training_data_path).shape[0] == card.train_rows
+    assert GoldenHoldout(settings.home / "holdout").info().sha256 == card.holdout_sha256
+    assert settings.bentoml_home in outcome.version.path.parents
+
+
+def test_promote_and_rollback_move_the_pointer(pipeline: TrainingPipeline) -> None:
+    first = pipeline.run(synthetic_sentiment(400)).version.version
+    second = pipeline.run(synthetic_sentiment(400, seed=1), promote=True).version.version
+    registry = pipeline.registry
+    assert registry.champion() == second
+    assert registry.get(second).card.holdout_sha256 == registry.get(first).card.holdout_sha256
+    change = registry.rollback()
+    assert (change.previous, change.version) == (second, first)
+    assert registry.champion() == first
+    assert [h.action for h in registry.pointer().history] == ["promote", "promote", "rollback"]
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback()
+
+
+def test_second_training_without_promote_keeps_the_champion(pipeline: TrainingPipeline) -> None:
+    first = pipeline.run(synthetic_sentiment(400)).version.version
+    second = pipeline.run(synthetic_sentiment(400, seed=2), warm_start=first)
+    assert not second.promoted
+    assert pipeline.registry.champion() == first
+    assert second.version.card.parent_version == first
+
+
+def test_holdout_rows_are_never_trained_on(pipeline: TrainingPipeline, settings: Settings) -> None:
+    data = synthetic_sentiment(400)
+    pipeline.run(data)
+    holdout = GoldenHoldout(settings.home / "holdout").load()
+    second = pipeline.run(data)
+    trained = set(pd.read_parquet(second.version.training_data_path)["text"])
+    assert trained.isdisjoint(set(holdout["text"]))
+
+
+def test_unknown_registry_version_is_a_clear_error(pipeline: TrainingPipeline) -> None:
+    pipeline.run(synthetic_sentiment(400))
+    with pytest.raises(RegistryError, match="not found"):
+        pipeline.registry.get("doesnotexist")
+
+
+def test_labels_outside_the_holdout_are_dropped_and_reported(pipeline: TrainingPipeline) -> None:
+    pipeline.run(synthetic_sentiment(400))
+    extra = pd.concat([synthetic_sentiment(400, seed=3), pd.DataFrame({"text": ["meh"] * 3, "label": ["neutral"] * 3})])
+    outcome = pipeline.run(extra)
+    assert outcome.quality.dropped["unknown_label"].count == 3
+
+
+def test_too_small_dataset_is_a_clear_error(pipeline: TrainingPipeline) -> None:
+    with pytest.raises(DatasetError, match="too few rows"):
+        pipeline.run(pd.DataFrame({"text": ["good", "bad", "fine"], "label": ["p", "n", "p"]}))
+
+
+class TestBehaviour:
+    """Behavioural checks beside the metrics: invariance to irrelevant edits, direction of sentiment words."""
+
+    @pytest.fixture()
+    def model(self, pipeline: TrainingPipeline, settings: Settings) -> Classifier:
+        entry = pipeline.run(synthetic_sentiment(400)).version
+        return Classifier.load(entry.model_dir, max_length=settings.max_length, version=entry.version)
+
+    def predict(self, model: Classifier, texts: list[str]) -> list[str]:
+        probs = model.predict_proba(texts).probs
+        return [model.labels[i] for i in probs.argmax(axis=1)]
+
+    def test_invariant_to_case_spacing_and_filler(self, model: Classifier) -> None:
+        base = ["the film was excellent", "the plot was terrible"]
+        variants = ["THE FILM WAS EXCELLENT", "the  plot   was terrible", "the cast and the film was excellent"]
+        assert self.predict(model, base) == ["positive", "negative"]
+        assert self.predict(model, variants) == ["positive", "negative", "positive"]
+
+    def test_swapping_the_sentiment_word_flips_the_label(self, model: Classifier) -> None:
+        template = "the story was really {} and the acting too"
+        positives = self.predict(model, [template.format(w) for w in POSITIVE_WORDS])
+        negatives = self.predict(model, [template.format(w) for w in NEGATIVE_WORDS])
+        assert positives.count("positive") >= len(POSITIVE_WORDS) - 1
+        assert negatives.count("negative") >= len(NEGATIVE_WORDS) - 1
+
+    def test_long_texts_are_truncated_and_flagged(self, model: Classifier) -> None:
+        result = model.predict_proba(["great " * 500, "great"])
+        assert result.truncated == [True, False]
+        assert result.probs.shape == (2, 2)
