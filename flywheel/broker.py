@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
@@ -32,10 +33,9 @@ def ensure_topics(bootstrap: str, topics: Iterable[str] = tuple(Topic), partitio
         existing = set(admin.list_topics())
         missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
         if missing:
-            try:
+            # Another process may create them between our list and create calls.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
             logger.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         admin.close()

@@ -36,6 +36,7 @@ class Classifier:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
+        *,
         version: str = "",
         device: torch.device | None = None,
         half: bool | None = None,
@@ -44,12 +45,14 @@ class Classifier:
         # Half precision halves memory and roughly doubles GPU throughput; CPU stays in float32.
         if half is None:
             half = self.device.type == "cuda"
-        self.model = model.to(self.device, dtype=torch.float16) if half else model.to(self.device)
-        self.model.eval()
+        module: torch.nn.Module = model
+        module.to(self.device, dtype=torch.float16) if half else module.to(self.device)
+        module.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.version = version
-        id2label = model.config.id2label
+        id2label: dict[int, str] = dict(model.config.id2label or {})  # type: ignore[assignment]
         self.labels: list[str] = [str(id2label[i]) for i in range(len(id2label))]
 
     @classmethod

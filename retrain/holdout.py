@@ -30,7 +30,7 @@ def stratified_split(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split off ``fraction`` of the rows with the label shares kept; (rest, split_off)."""
     counts = frame["label"].value_counts()
-    n_split = max(int(round(len(frame) * fraction)), len(counts))
+    n_split = max(round(len(frame) * fraction), len(counts))
     if counts.min() < 2 or n_split >= len(frame):
         raise DatasetError(
             f"too few rows for a stratified {purpose} split: {len(frame)} rows, smallest class "

@@ -71,7 +71,10 @@ class TrainingPipeline:
         if missing:
             raise DatasetError(f"training data has no rows for labels {missing} that the golden holdout has")
         train, validation = stratified_split(data, self.settings.validation_fraction, self.settings.seed, "validation")
-        init_from = self.registry.get(warm_start).model_dir.as_posix() if warm_start else (base or self.settings.base_model)
+        if warm_start:
+            init_from = self.registry.get(warm_start).model_dir.as_posix()
+        else:
+            init_from = base or self.settings.base_model
         logger.info("training on %d rows, validating on %d, from %s", len(train), len(validation), init_from)
         weights = train[sample_weight_column] if sample_weight_column else None
         result = self.trainer.train(train, validation, labels, init_from, sample_weight=weights)

@@ -131,7 +131,8 @@ class QualityPipeline:
         top = votes.groupby("_key")["votes"].transform("max")
         winners = votes[votes["votes"] == top]
         tied_keys = set(winners["_key"][winners["_key"].duplicated(keep=False)])
-        majority = dict(winners[~winners["_key"].isin(tied_keys)][["_key", "label"]].itertuples(index=False))
+        clear = winners[~winners["_key"].isin(tied_keys)]
+        majority: dict[str, str] = dict(zip(clear["_key"], clear["label"], strict=True))
         data = self._drop(data, data["_key"].isin(tied_keys), "conflict_tied", dropped)
         in_conflict = data["_key"].isin(majority.keys())
         minority = in_conflict & (data["label"] != data["_key"].map(majority))

@@ -124,7 +124,7 @@ class Trainer:
         if self.device.type == "cpu" and s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         model, tokenizer = self.load_initial(init_from, labels)
-        model.to(self.device)
+        torch.nn.Module.to(model, self.device)
         label_ids = {label: i for i, label in enumerate(labels)}
         encoded = tokenizer(train["text"].tolist(), truncation=True, max_length=s.max_length)["input_ids"]
         targets = train["label"].map(label_ids).to_numpy()
@@ -175,15 +175,17 @@ class Trainer:
                 scheduler.step()
                 seen += len(batch_idx)
                 running_loss += loss.item()
-                bar.set_postfix(loss=f"{running_loss / step:.4f}", samples_s=f"{seen / (time.monotonic() - started):.1f}")
+                rate = seen / (time.monotonic() - started)
+                bar.set_postfix(loss=f"{running_loss / step:.4f}", samples_s=f"{rate:.1f}")
                 if time.monotonic() > deadline:
                     timed_out = True
                     break
             bar.close()
             epochs_run = epoch
             metrics = evaluate(Classifier(model, tokenizer, s.max_length, device=self.device, half=False), validation)
-            history.append({"epoch": epoch, "loss": running_loss / max(step, 1), "val_macro_f1": metrics.macro_f1})
-            logger.info("epoch %d: loss %.4f, validation macro-F1 %.4f", epoch, running_loss / max(step, 1), metrics.macro_f1)
+            epoch_loss = running_loss / max(step, 1)
+            history.append({"epoch": epoch, "loss": epoch_loss, "val_macro_f1": metrics.macro_f1})
+            logger.info("epoch %d: loss %.4f, validation macro-F1 %.4f", epoch, epoch_loss, metrics.macro_f1)
             if metrics.macro_f1 > best_f1:
                 best_f1, best_metrics, epochs_without_gain = metrics.macro_f1, metrics, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -214,7 +216,8 @@ class Trainer:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:
     # Biases and LayerNorm weights are not decayed, as in the original BERT recipe.
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -31,7 +31,7 @@ def test_train_list_promote_rollback_evaluate(flywheel_env: dict[str, str], synt
     listing = run(flywheel_env, "models", "list")
     versions = [line.split()[1] for line in listing.stdout.splitlines() if line.startswith("│ ")][:2]
     assert len(versions) == 2
-    assert "*" in [line for line in listing.stdout.splitlines() if versions[1] in line][0]
+    assert "*" in next(line for line in listing.stdout.splitlines() if versions[1] in line)
 
     rollback = run(flywheel_env, "models", "rollback")
     assert rollback.returncode == 0, rollback.stderr
