@@ -87,6 +87,37 @@ def synthetic_frame() -> pd.DataFrame:
     return synthetic_sentiment(400)
 
 
+#: Maintenance connection of the test PostgreSQL server (trust auth); each test gets its own database on it.
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh, empty Flywheel database: a SQLite file, or a uniquely named PostgreSQL database.
+
+    The PostgreSQL database is created on 127.0.0.1:5432 and dropped (connections and all) afterwards. Tables
+    appear once something runs ``feedback.database.Database(url).start()`` (which applies the migrations).
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'flywheel.db'}"
+        return
+    import uuid
+
+    import psycopg
+
+    name = f"flywheel_test_{uuid.uuid4().hex[:16]}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL for tests is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     import socket

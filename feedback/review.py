@@ -1,0 +1,98 @@
+"""The review queue: unlabeled recent predictions the model was least sure of, near-duplicates collapsed."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists
+from sqlmodel import col, select
+
+from feedback.database import Database
+from feedback.models import Feedback, FeedbackStatus, Prediction, PredictionPublic
+from flywheel.events import utcnow
+from flywheel.settings import Settings
+from retrain.quality import dedupe_key
+
+#: How many candidates are read per requested item before near-duplicates are collapsed.
+SCAN_FACTOR = 20
+MAX_LIMIT = 500
+
+
+class ReviewItem(PredictionPublic):
+    """A prediction worth a label, with how many near-duplicates it stands for."""
+
+    similar: int = 0
+
+
+class NearDuplicates:
+    """Greedy near-duplicate grouping by word-set Jaccard similarity, with prefix filtering.
+
+    Two sets with Jaccard >= t must share a token among the first ``|x| - ceil(t*|x|) + 1`` tokens of
+    each (in one global order), so only items sharing such a prefix token are compared.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.kept: list[frozenset[str]] = []
+        self._index: dict[str, list[int]] = {}
+
+    def _prefix(self, tokens: frozenset[str]) -> list[str]:
+        ordered = sorted(tokens)
+        return ordered[: len(ordered) - math.ceil(self.threshold * len(ordered)) + 1]
+
+    def match(self, text: str) -> int | None:
+        """Index of the kept item ``text`` duplicates; otherwise keep it and return None."""
+        tokens = frozenset(dedupe_key(text).split())
+        candidates = {i for token in self._prefix(tokens) for i in self._index.get(token, ())}
+        for i in sorted(candidates):
+            other = self.kept[i]
+            union = len(tokens | other)
+            if union == 0 or len(tokens & other) / union >= self.threshold:
+                return i
+        self.kept.append(tokens)
+        for token in self._prefix(tokens):
+            self._index.setdefault(token, []).append(len(self.kept) - 1)
+        return None
+
+
+class ReviewQueue:
+    """Picks the predictions a label would teach the model most (uncertainty sampling)."""
+
+    def __init__(self, database: Database, settings: Settings) -> None:
+        self.database = database
+        self.window = timedelta(hours=settings.review_window_hours)
+        self.similarity = settings.review_similarity
+
+    def next(self, limit: int = 20, now: datetime | None = None) -> list[ReviewItem]:
+        """Up to ``limit`` unlabeled predictions: smallest top-two margin first, then newest."""
+        limit = max(1, min(limit, MAX_LIMIT))
+        since = (now or utcnow()) - self.window
+        labeled = exists().where(
+            and_(
+                col(Feedback.text_key) == col(Prediction.text_key),
+                col(Feedback.status) != FeedbackStatus.REJECTED,
+            )
+        )
+        with self.database.read_session() as session:
+            candidates = list(
+                session.exec(
+                    select(Prediction)
+                    .where(col(Prediction.created_at) >= since, ~labeled)
+                    .order_by(col(Prediction.margin), col(Prediction.created_at).desc())
+                    .limit(limit * SCAN_FACTOR)
+                )
+            )
+        items: list[ReviewItem] = []
+        seen_keys: dict[str, int] = {}
+        groups = NearDuplicates(self.similarity)
+        for prediction in candidates:
+            index = seen_keys.get(prediction.text_key)
+            if index is None:
+                index = groups.match(prediction.text)
+            if index is not None:
+                items[index].similar += 1
+                continue
+            seen_keys[prediction.text_key] = len(items)
+            items.append(ReviewItem.model_validate(prediction, from_attributes=True))
+        return items[:limit]

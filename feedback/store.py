@@ -1,0 +1,425 @@
+"""The feedback store: predictions from the log, feedback and its vetting, and the rows retraining reads."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from feedback.database import Database
+from feedback.models import (
+    Feedback,
+    FeedbackCreate,
+    FeedbackPublic,
+    FeedbackSource,
+    FeedbackSourcePublic,
+    FeedbackStatus,
+    Prediction,
+    score_margin,
+    text_key,
+)
+from feedback.vetting import Vetter, insert_for, quarantine
+from flywheel.errors import FlywheelError
+from flywheel.events import FeedbackEvent, PredictionEvent, new_id, utcnow
+from flywheel.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Column limits of the prediction table that an event must respect to be stored.
+_LIMITS = {"prediction_id": 64, "model_version": 64, "label": 128, "client_id": 128}
+_MAX_SCORE_LABEL = 128
+
+
+class FeedbackNotFoundError(FlywheelError):
+    """No feedback with the given id."""
+
+
+class InvalidPredictionError(ValueError):
+    """A prediction event the store cannot hold (it goes to the dead-letter topic)."""
+
+
+class IngestResult(BaseModel):
+    """What one ingested batch did."""
+
+    received: int
+    inserted: int
+    joined: int
+
+
+class ImportResult(BaseModel):
+    """What an annotation import did."""
+
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+class TrainingLabel(BaseModel):
+    """An accepted label with its text and vetting flags, as retraining consumes it."""
+
+    feedback_id: str
+    text: str
+    label: str
+    source: str
+    created_at: datetime
+    label_quality: float | None
+    label_issue: bool
+    conflict: bool
+
+
+def prediction_row(event: PredictionEvent, now: datetime) -> dict[str, Any]:
+    """The ``prediction`` row of an event, or InvalidPredictionError saying why it cannot be stored."""
+    for field, limit in _LIMITS.items():
+        value = getattr(event, field)
+        if value is not None and not 0 < len(value) <= limit:
+            raise InvalidPredictionError(f"{field} must be 1-{limit} characters, got {len(value)}")
+    if "\x00" in event.text:
+        raise InvalidPredictionError("text contains a NUL character")
+    if not event.scores:
+        raise InvalidPredictionError("scores is empty")
+    for name, value in event.scores.items():
+        if not 0 < len(name) <= _MAX_SCORE_LABEL or not math.isfinite(value):
+            raise InvalidPredictionError(f"scores has an invalid entry {name[:40]!r}: {value!r}")
+    if not (math.isfinite(event.confidence) and math.isfinite(event.latency_ms)):
+        raise InvalidPredictionError("confidence and latency_ms must be finite numbers")
+    return {
+        "prediction_id": event.prediction_id,
+        "model_version": event.model_version,
+        "text": event.text,
+        "label": event.label,
+        "confidence": event.confidence,
+        "scores": event.scores,
+        "margin": score_margin(event.scores),
+        "latency_ms": event.latency_ms,
+        "truncated": event.truncated,
+        "client_id": event.client_id,
+        "created_at": event.emitted_at,
+        "text_key": text_key(event.text),
+        "ingested_at": now,
+    }
+
+
+def feedback_event(saved: FeedbackPublic) -> FeedbackEvent:
+    """The ``flywheel.feedback`` event announcing a stored label."""
+    return FeedbackEvent(
+        feedback_id=saved.feedback_id,
+        prediction_id=saved.prediction_id,
+        text=saved.text,
+        label=saved.label,
+        source=saved.source,
+        comment=saved.comment,
+        status=saved.status.value,
+    )
+
+
+def open_store(settings: Settings) -> FeedbackStore:
+    """Connect to the configured database, migrate it, and return a store on it."""
+    return FeedbackStore(Database.from_settings(settings).start(), settings)
+
+
+class FeedbackStore:
+    """Reads and writes predictions and feedback; every write vets the feedback it touches."""
+
+    def __init__(self, database: Database, settings: Settings, vetter: Vetter | None = None) -> None:
+        self.database = database
+        self.settings = settings
+        self.vetter = vetter or Vetter(settings)
+
+    # Feedback from people and annotation teams
+
+    def submit(self, create: FeedbackCreate, now: datetime | None = None) -> FeedbackPublic:
+        """Store (or update, for the same prediction or text and source) one label and vet it."""
+        for attempt in range(3):
+            try:
+                with self.database.session() as session:
+                    row, _ = self._upsert(session, create, now or utcnow())
+                    return FeedbackPublic.model_validate(row)
+            except IntegrityError:
+                # A concurrent submit inserted the same (prediction, source) first: retry as an update.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _upsert(self, session: Session, create: FeedbackCreate, now: datetime) -> tuple[Feedback, str]:
+        query = select(Feedback).where(col(Feedback.source) == create.source)
+        key = text_key(create.text) if create.text is not None else None
+        if create.prediction_id is not None:
+            query = query.where(col(Feedback.prediction_id) == create.prediction_id)
+        else:
+            query = query.where(col(Feedback.prediction_id).is_(None), col(Feedback.text_key) == key)
+        row = session.exec(query).first()
+        if row is None:
+            row = Feedback(
+                feedback_id=new_id(),
+                prediction_id=create.prediction_id,
+                text=create.text,
+                text_key=key,
+                label=create.label,
+                source=create.source,
+                comment=create.comment,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(row)
+            self.vetter.vet(session, row, now)
+            outcome = "created"
+        elif row.label != create.label:
+            row.label, row.comment, row.used_by_version = create.label, create.comment, None
+            self.vetter.vet(session, row, now)
+            outcome = "updated"
+        else:
+            outcome = "unchanged" if row.comment == create.comment else "updated"
+            row.comment, row.updated_at = create.comment, now
+        session.flush()
+        return row, outcome
+
+    def get(self, feedback_id: str) -> FeedbackPublic:
+        """One piece of feedback, or FeedbackNotFoundError."""
+        with self.database.read_session() as session:
+            row = session.get(Feedback, feedback_id)
+            if row is None:
+                raise FeedbackNotFoundError(f"no feedback with id {feedback_id!r}")
+            return FeedbackPublic.model_validate(row)
+
+    def import_labels(
+        self,
+        items: Iterable[tuple[str, str]],
+        source: str,
+        on_saved: Callable[[FeedbackPublic], None] | None = None,
+        chunk: int = 500,
+    ) -> ImportResult:
+        """Store ``(text, label)`` pairs from ``source``; importing the same file again changes nothing.
+
+        ``on_saved`` sees each created or updated row once its chunk is committed.
+        """
+        result = ImportResult()
+        batch: list[FeedbackCreate] = []
+
+        def flush() -> None:
+            saved = []
+            with self.database.session() as session:
+                now = utcnow()
+                for create in batch:
+                    row, outcome = self._upsert(session, create, now)
+                    setattr(result, outcome, getattr(result, outcome) + 1)
+                    if outcome != "unchanged":
+                        saved.append(FeedbackPublic.model_validate(row))
+            batch.clear()
+            if on_saved is not None:
+                for public in saved:
+                    on_saved(public)
+
+        for text, label in items:
+            batch.append(FeedbackCreate(text=text, label=label, source=source))
+            if len(batch) >= chunk:
+                flush()
+        if batch:
+            flush()
+        return result
+
+    # Predictions from the Kafka log
+
+    def ingest(self, rows: Sequence[dict[str, Any]]) -> IngestResult:
+        """Insert prediction rows (duplicates ignored) and vet the feedback that was waiting for them."""
+        unique = list({row["prediction_id"]: row for row in rows}.values())
+        if not unique:
+            return IngestResult(received=0, inserted=0, joined=0)
+        ids = [row["prediction_id"] for row in unique]
+        keys = list({row["text_key"] for row in unique})
+        with self.database.session() as session:
+            insert = insert_for(session)
+            inserted = session.execute(
+                insert(Prediction)
+                .on_conflict_do_nothing(index_elements=["prediction_id"])
+                .returning(col(Prediction.prediction_id)),
+                unique,
+            ).all()
+            waiting = list(
+                session.exec(
+                    select(Feedback).where(
+                        col(Feedback.prediction_id).in_(ids),
+                        col(Feedback.text).is_(None),
+                        col(Feedback.status) != FeedbackStatus.USED,
+                    )
+                )
+            )
+            # Bare-text labels still without evidence can be judged by this prediction's scores.
+            waiting += session.exec(
+                select(Feedback).where(
+                    col(Feedback.text_key).in_(keys),
+                    col(Feedback.prediction_id).is_(None),
+                    col(Feedback.model_scores).is_(None),
+                    col(Feedback.status) == FeedbackStatus.PENDING,
+                )
+            )
+            now = utcnow()
+            for row in waiting:
+                self.vetter.vet(session, row, now)
+        if waiting:
+            logger.info("joined %d waiting feedback rows to new predictions", len(waiting))
+        return IngestResult(received=len(rows), inserted=len(inserted), joined=len(waiting))
+
+    def expire_orphans(self, now: datetime | None = None) -> int:
+        """Reject feedback whose prediction did not arrive within the grace period; returns how many."""
+        now = now or utcnow()
+        grace = self.settings.feedback_grace_seconds
+        with self.database.session() as session:
+            result = session.execute(
+                update(Feedback)
+                .where(
+                    col(Feedback.prediction_id).is_not(None),
+                    col(Feedback.text).is_(None),
+                    col(Feedback.status) == FeedbackStatus.PENDING,
+                    col(Feedback.created_at) < now - timedelta(seconds=grace),
+                )
+                .values(
+                    status=FeedbackStatus.REJECTED,
+                    status_reason=f"prediction never arrived within the {grace:g}s grace period",
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        expired = int(getattr(result, "rowcount", 0) or 0)
+        if expired:
+            logger.warning("rejected %d feedback rows whose prediction never arrived", expired)
+        return expired
+
+    # Review and evidence
+
+    def pending(self, limit: int = 50) -> list[FeedbackPublic]:
+        """Labels waiting for a reviewer, oldest first."""
+        with self.database.read_session() as session:
+            rows = session.exec(
+                select(Feedback)
+                .where(col(Feedback.status) == FeedbackStatus.PENDING)
+                .order_by(col(Feedback.created_at))
+                .limit(limit)
+            )
+            return [FeedbackPublic.model_validate(row) for row in rows]
+
+    def resolve(self, feedback_id: str, accept: bool, reason: str) -> FeedbackPublic:
+        """A reviewer's verdict on one label."""
+        with self.database.session() as session:
+            row = session.get(Feedback, feedback_id)
+            if row is None:
+                raise FeedbackNotFoundError(f"no feedback with id {feedback_id!r}")
+            if row.status == FeedbackStatus.USED:
+                raise FlywheelError(f"feedback {feedback_id} was already used by model {row.used_by_version}")
+            row.status = FeedbackStatus.ACCEPTED if accept else FeedbackStatus.REJECTED
+            row.status_reason = f"reviewer: {reason}"[:500]
+            row.updated_at = utcnow()
+            session.flush()
+            return FeedbackPublic.model_validate(row)
+
+    def awaiting_evidence(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """``(feedback_id, text)`` of pending bare-text labels no model has judged yet."""
+        with self.database.read_session() as session:
+            rows = session.exec(
+                select(Feedback.feedback_id, Feedback.text).where(
+                    col(Feedback.status) == FeedbackStatus.PENDING,
+                    col(Feedback.model_scores).is_(None),
+                    col(Feedback.text).is_not(None),
+                ).limit(limit)
+            )
+            return [(feedback_id, text or "") for feedback_id, text in rows]
+
+    def attach_evidence(self, model_version: str, scores: dict[str, dict[str, float]]) -> int:
+        """Vet labels against ``model_version``'s probabilities (feedback id -> label -> probability)."""
+        with self.database.session() as session:
+            now = utcnow()
+            rows = session.exec(select(Feedback).where(col(Feedback.feedback_id).in_(list(scores))))
+            count = 0
+            for row in rows:
+                row.model_version, row.model_scores = model_version, scores[row.feedback_id]
+                self.vetter.vet(session, row, now)
+                count += 1
+            return count
+
+    # What retraining reads and writes
+
+    def training_rows(self) -> list[TrainingLabel]:
+        """Accepted labels with their texts; retraining also decides how to treat the flags."""
+        with self.database.read_session() as session:
+            rows = session.exec(
+                select(Feedback)
+                .where(col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None))
+                .order_by(col(Feedback.created_at))
+            )
+            return [TrainingLabel.model_validate(row, from_attributes=True) for row in rows]
+
+    def mark_used(self, feedback_ids: Sequence[str], version: str) -> int:
+        """Record that model ``version`` was trained on these accepted labels; returns how many changed."""
+        changed = 0
+        with self.database.session() as session:
+            for start in range(0, len(feedback_ids), 500):
+                result = session.execute(
+                    update(Feedback)
+                    .where(
+                        col(Feedback.feedback_id).in_(list(feedback_ids[start : start + 500])),
+                        col(Feedback.status) == FeedbackStatus.ACCEPTED,
+                    )
+                    .values(
+                        status=FeedbackStatus.USED,
+                        used_by_version=version,
+                        status_reason=f"used to train {version}",
+                        updated_at=utcnow(),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                changed += int(getattr(result, "rowcount", 0) or 0)
+        return changed
+
+    # Sources
+
+    def sources(self) -> list[FeedbackSourcePublic]:
+        """Every source with its reliability, trust and quarantine state."""
+        with self.database.read_session() as session:
+            rows = session.exec(select(FeedbackSource).order_by(col(FeedbackSource.source)))
+            return [self._source_public(row) for row in rows]
+
+    def set_source(
+        self, name: str, trusted: bool | None = None, quarantined: bool | None = None, reason: str = "operator"
+    ) -> FeedbackSourcePublic:
+        """Trust or distrust a source, or quarantine or release it."""
+        with self.database.session() as session:
+            now = utcnow()
+            source = session.get(FeedbackSource, name)
+            if source is None:
+                raise FeedbackNotFoundError(f"no feedback source {name!r} (sources appear with their first label)")
+            if trusted is not None:
+                source.trusted = trusted
+            if quarantined is True and not source.quarantined:
+                quarantine(session, source, reason, now)
+            elif quarantined is False:
+                source.quarantined, source.quarantine_reason, source.quarantined_at = False, None, None
+            source.updated_at = now
+            session.add(source)
+            session.flush()
+            return self._source_public(source)
+
+    def _source_public(self, source: FeedbackSource) -> FeedbackSourcePublic:
+        public = FeedbackSourcePublic.model_validate(source)
+        public.trusted = self.vetter.is_trusted(source)
+        return public
+
+    def export(self, status: FeedbackStatus | None = None, batch: int = 1000) -> Iterator[FeedbackPublic]:
+        """Every piece of feedback (optionally of one status), in creation order, streamed in batches."""
+        after = ""
+        while True:
+            with self.database.read_session() as session:
+                query = select(Feedback).where(col(Feedback.feedback_id) > after)
+                if status is not None:
+                    query = query.where(col(Feedback.status) == status)
+                rows = list(session.exec(query.order_by(col(Feedback.feedback_id)).limit(batch)))
+            if not rows:
+                return
+            for row in rows:
+                yield FeedbackPublic.model_validate(row)
+            after = rows[-1].feedback_id

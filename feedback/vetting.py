@@ -1,0 +1,233 @@
+"""Vetting of untrusted feedback: label-error scores, source reliability, conflicts and quarantine.
+
+Every label is scored against the probabilities of the model that judged its text (cleanlab's
+normalized-margin label-quality score; low = the model confidently disagrees). A label is accepted
+automatically when its source is trusted, or when it is consistent with that evidence and no other
+label for the same text contradicts it; everything else waits as ``pending`` with the reason.
+A source whose labels contradict a confident model far more often than other sources' is quarantined.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from cleanlab.rank import get_label_quality_scores
+from sqlalchemy import func, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
+
+from feedback.models import Feedback, FeedbackSource, FeedbackStatus, Prediction
+from flywheel.events import utcnow
+from flywheel.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Statuses whose labels count when looking for contradicting labels of the same text.
+LIVE_STATUSES = (FeedbackStatus.PENDING, FeedbackStatus.ACCEPTED, FeedbackStatus.USED)
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """How a label looks against one model's probabilities."""
+
+    model_label: str
+    model_confidence: float
+    label_quality: float
+    label_issue: bool
+
+
+def insert_for(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
+    """The dialect's INSERT construct, which supports ON CONFLICT on both databases."""
+    return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
+
+
+class Vetter:
+    """Scores labels and decides their status inside the caller's transaction."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.trusted_sources = frozenset(settings.feedback_trusted_sources)
+
+    def score(self, label: str, scores: dict[str, float]) -> LabelScore:
+        """cleanlab label-quality of ``label`` under ``scores``; a label the model does not know scores 0."""
+        labels = sorted(scores)
+        if label not in scores:
+            labels.append(label)
+        probs = np.array([[scores.get(name, 0.0) for name in labels]], dtype=np.float64)
+        quality = float(
+            get_label_quality_scores(np.array([labels.index(label)]), probs, method="normalized_margin")[0]
+        )
+        model_label = max(scores, key=lambda name: scores[name])
+        return LabelScore(
+            model_label=model_label,
+            model_confidence=float(scores[model_label]),
+            label_quality=quality,
+            label_issue=quality < self.settings.feedback_label_issue_threshold,
+        )
+
+    def is_trusted(self, source: FeedbackSource) -> bool:
+        """Whether a source's labels skip the evidence checks."""
+        return source.trusted or source.source in self.trusted_sources
+
+    def vet(self, session: Session, row: Feedback, now: datetime | None = None) -> None:
+        """Attach evidence to ``row``, score it, and set its status, flags and its source's counters."""
+        now = now or utcnow()
+        row.updated_at = now
+        had_score, had_issue = row.label_quality is not None, row.label_issue
+        if row.prediction_id is not None and row.text is None:
+            prediction = session.get(Prediction, row.prediction_id)
+            if prediction is None:
+                row.status = FeedbackStatus.PENDING
+                row.status_reason = f"waiting for prediction {row.prediction_id} to be ingested"
+                return
+            row.text, row.text_key = prediction.text, prediction.text_key
+            row.model_version, row.model_scores = prediction.model_version, dict(prediction.scores)
+        elif row.model_scores is None and row.text_key is not None:
+            latest = session.exec(
+                select(Prediction)
+                .where(Prediction.text_key == row.text_key)
+                .order_by(col(Prediction.created_at).desc())
+                .limit(1)
+            ).first()
+            if latest is not None:
+                row.model_version, row.model_scores = latest.model_version, dict(latest.scores)
+
+        scored = None
+        if row.model_scores:
+            scored = self.score(row.label, row.model_scores)
+            row.model_label, row.model_confidence = scored.model_label, scored.model_confidence
+            row.label_quality, row.label_issue = scored.label_quality, scored.label_issue
+        else:
+            row.model_label = row.model_confidence = row.label_quality = None
+            row.label_issue = False
+
+        source = self._source(
+            session,
+            row.source,
+            scored_delta=int(scored is not None) - int(had_score),
+            issue_delta=int(row.label_issue) - int(had_issue),
+            now=now,
+        )
+        trusted = self.is_trusted(source)
+        if row.label_issue and not trusted and not source.quarantined:
+            self._maybe_quarantine(session, source, now)
+        conflicting = self._mark_conflicts(session, row, now)
+
+        if source.quarantined and not trusted:
+            status, reason = FeedbackStatus.PENDING, f"source {row.source!r} is quarantined: {source.quarantine_reason}"
+        elif trusted:
+            status, reason = FeedbackStatus.ACCEPTED, f"trusted source {row.source!r}"
+        elif conflicting:
+            status, reason = FeedbackStatus.PENDING, f"conflicting labels for this text: {conflicting}"
+        elif scored is None:
+            status, reason = FeedbackStatus.PENDING, "waiting for model evidence (`flywheel feedback vet` scores it)"
+        elif scored.label_issue:
+            status = FeedbackStatus.PENDING
+            reason = (
+                f"possible label error: model {row.model_version} gives {scored.model_label!r} "
+                f"{scored.model_confidence:.2f} (label quality {scored.label_quality:.3f})"
+            )
+        else:
+            status = FeedbackStatus.ACCEPTED
+            reason = f"consistent with model {row.model_version} (label quality {scored.label_quality:.3f})"
+        row.status, row.status_reason = status, reason
+
+    def _source(
+        self, session: Session, name: str, scored_delta: int, issue_delta: int, now: datetime
+    ) -> FeedbackSource:
+        insert = insert_for(session)
+        session.execute(
+            insert(FeedbackSource)
+            .values(source=name, trusted=False, quarantined=False, scored=0, label_issues=0, created_at=now,
+                    updated_at=now)
+            .on_conflict_do_nothing(index_elements=["source"])
+        )
+        if scored_delta or issue_delta:
+            # Relative update: concurrent writers of one source add up instead of overwriting each other.
+            session.execute(
+                update(FeedbackSource)
+                .where(col(FeedbackSource.source) == name)
+                .values(
+                    scored=FeedbackSource.scored + scored_delta,
+                    label_issues=FeedbackSource.label_issues + issue_delta,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        source = session.get(FeedbackSource, name, populate_existing=True)
+        assert source is not None
+        return source
+
+    def _maybe_quarantine(self, session: Session, source: FeedbackSource, now: datetime) -> None:
+        settings = self.settings
+        if source.scored < settings.feedback_quarantine_min_scored:
+            return
+        rate = source.label_issues / source.scored
+        others_scored, others_issues = session.exec(
+            select(
+                func.coalesce(func.sum(FeedbackSource.scored), 0),
+                func.coalesce(func.sum(FeedbackSource.label_issues), 0),
+            ).where(col(FeedbackSource.source) != source.source)
+        ).one()
+        others_rate = others_issues / others_scored if others_scored else 0.0
+        if rate < settings.feedback_quarantine_rate or rate < settings.feedback_quarantine_ratio * others_rate:
+            return
+        reason = (
+            f"{source.label_issues} of {source.scored} labels ({rate:.0%}) contradict a confident model, "
+            f"other sources {others_rate:.0%}"
+        )
+        quarantine(session, source, reason, now)
+        logger.warning("quarantined feedback source %r: %s", source.source, reason)
+
+    def _mark_conflicts(self, session: Session, row: Feedback, now: datetime) -> str:
+        """Flag every live label of the same text when they disagree; returns the other labels, or ''."""
+        if row.text_key is None:
+            return ""
+        others = list(
+            session.exec(
+                select(Feedback).where(
+                    col(Feedback.text_key) == row.text_key,
+                    col(Feedback.feedback_id) != row.feedback_id,
+                    col(Feedback.status).in_(LIVE_STATUSES),
+                )
+            )
+        )
+        disagreeing = [other for other in others if other.label != row.label]
+        row.conflict = bool(disagreeing)
+        if not disagreeing:
+            # All live labels agree now (e.g. this one was changed): clear stale flags.
+            for other in others:
+                other.conflict = False
+            return ""
+        sources = {
+            s.source: s
+            for s in session.exec(
+                select(FeedbackSource).where(col(FeedbackSource.source).in_({o.source for o in others}))
+            )
+        }
+        for other in others:
+            other.conflict = True
+            other_source = sources.get(other.source)
+            trusted = other_source is not None and self.is_trusted(other_source)
+            if other.status == FeedbackStatus.ACCEPTED and not trusted:
+                other.status = FeedbackStatus.PENDING
+                other.status_reason = f"conflicting labels for this text: {row.label!r} from {row.source!r}"
+                other.updated_at = now
+        return ", ".join(sorted({f"{o.label!r} from {o.source!r}" for o in disagreeing}))
+
+
+def quarantine(session: Session, source: FeedbackSource, reason: str, now: datetime) -> int:
+    """Quarantine a source and send its accepted, not yet used labels back to review; returns how many."""
+    source.quarantined, source.quarantine_reason, source.quarantined_at = True, reason[:500], now
+    source.updated_at = now
+    session.add(source)
+    result = session.execute(
+        update(Feedback)
+        .where(col(Feedback.source) == source.source, col(Feedback.status) == FeedbackStatus.ACCEPTED)
+        .values(status=FeedbackStatus.PENDING, status_reason=f"source quarantined: {reason}"[:500], updated_at=now)
+        .execution_options(synchronize_session="fetch")
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,180 @@
+"""Fixtures of the feedback tests: a migrated store on each database, a private broker, a TCP proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from feedback.database import Database
+from feedback.ingestion import PredictionIngestor
+from feedback.store import FeedbackStore
+from flywheel.broker import EmbeddedBroker
+from flywheel.events import PredictionEvent, new_id, utcnow
+from flywheel.settings import Settings
+from tests.conftest import free_port
+
+LABELS = ("negative", "positive")
+
+
+def make_settings(home: Path, database_url: str, **overrides: object) -> Settings:
+    """Settings for a test home on ``database_url`` with quick consumer timings."""
+    values: dict[str, object] = {
+        "home": home,
+        "database_url": database_url,
+        "ingest_max_poll_interval_ms": 2000,
+        "ingest_retry_max_seconds": 1.0,
+        "database_ready_timeout": 10.0,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+def prediction(
+    text: str, positive: float, prediction_id: str | None = None, at: datetime | None = None, version: str = "v1"
+) -> PredictionEvent:
+    """A prediction event of the binary sentiment model with P(positive) = ``positive``."""
+    scores = {"negative": round(1 - positive, 6), "positive": positive}
+    label = max(scores, key=lambda name: scores[name])
+    return PredictionEvent(
+        prediction_id=prediction_id or new_id(),
+        model_version=version,
+        text=text,
+        label=label,
+        confidence=scores[label],
+        scores=scores,
+        latency_ms=2.5,
+        emitted_at=at or utcnow(),
+    )
+
+
+@pytest.fixture()
+def store_factory(database_url: str, tmp_path: Path) -> Iterator[Callable[..., FeedbackStore]]:
+    """Builds stores on the test database with setting overrides; disposes their engines afterwards."""
+    databases: list[Database] = []
+
+    def build(**overrides: object) -> FeedbackStore:
+        url = str(overrides.pop("database_url", database_url))
+        settings = make_settings(tmp_path / "home", url, **overrides)
+        database = Database.from_settings(settings).start()
+        databases.append(database)
+        return FeedbackStore(database, settings)
+
+    yield build
+    for database in databases:
+        database.dispose()
+
+
+@pytest.fixture()
+def store(store_factory: Callable[..., FeedbackStore]) -> FeedbackStore:
+    """A store with default vetting settings on a fresh, migrated database."""
+    return store_factory()
+
+
+@pytest.fixture()
+def private_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of this test alone, so its topics hold only this test's events."""
+    embedded = EmbeddedBroker(port=free_port()).start()
+    yield embedded
+    embedded.stop()
+
+
+@contextlib.contextmanager
+def running_ingestor(store: FeedbackStore, group: str = "test-ingest") -> Iterator[PredictionIngestor]:
+    """Run an ingestor (with the store's settings) in a thread until the block ends, once it owns its partitions."""
+    ingestor = PredictionIngestor(store.settings, store, group_id=group)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ingestor.run()
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread, which fails with it
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="ingestor", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not ingestor.assigned.is_set():
+        assert not failure, f"ingestor failed: {failure[0]!r}"
+        assert time.monotonic() < deadline, "ingestor did not join its consumer group in 30s"
+        time.sleep(0.05)
+    try:
+        yield ingestor
+    finally:
+        ingestor.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "ingestor did not stop"
+    assert not failure, f"ingestor failed: {failure[0]!r}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.1)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can be stopped (dropping every connection) and started again on its port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones, like a crashed server."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)

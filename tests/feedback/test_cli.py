@@ -1,0 +1,93 @@
+"""``flywheel feedback import|export|stats`` run as a user would: as subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flywheel.events import FeedbackEvent, Topic
+from tests.conftest import copy_home, read_topic
+
+pytestmark = pytest.mark.slow
+
+FLYWHEEL = shutil.which("flywheel") or str(Path(os.sys.executable).parent / "flywheel")  # type: ignore[attr-defined]
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLYWHEEL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture()
+def cli_env(trained_home: dict[str, str], tmp_path: Path, database_url: str, broker: object) -> dict[str, str]:
+    env = copy_home(trained_home, tmp_path / "home")
+    return {**env, "FLYWHEEL_DATABASE_URL": database_url, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}  # type: ignore[attr-defined]
+
+
+def test_import_export_and_stats(cli_env: dict[str, str], tmp_path: Path) -> None:
+    annotations = tmp_path / "batch.jsonl"
+    token = uuid.uuid4().hex[:8]
+    rows = [
+        {"text": f"a wonderful, lovely film {token}", "label": "positive"},
+        {"text": "awful and boring", "label": "negative"},
+        {"text": "no idea", "label": "neutral"},
+        {"text": "   ", "label": "positive"},
+    ]
+    annotations.write_text("\n".join(json.dumps(row) for row in rows) + "\n{broken\n")
+
+    first = run(cli_env, "feedback", "import", str(annotations))
+    assert first.returncode == 0, first.stderr
+    assert "imported batch.jsonl as 'annotation': 2 new, 0 updated, 0 unchanged" in first.stdout
+    assert "skipped 3 rows" in first.stderr
+    assert "line 3: unknown label 'neutral' (known: negative, positive)" in first.stderr
+    assert "line 4: blank text" in first.stderr and "line 5: not JSON" in first.stderr
+    again = run(cli_env, "feedback", "import", str(annotations))
+    assert "0 new, 0 updated, 2 unchanged" in again.stdout
+
+    exported = tmp_path / "out.csv"
+    export = run(cli_env, "feedback", "export", "--output", str(exported))
+    assert export.returncode == 0, export.stderr
+    with exported.open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert {(r["text"], r["label"], r["source"], r["status"]) for r in table} == {
+        (f"a wonderful, lovely film {token}", "positive", "annotation", "accepted"),
+        ("awful and boring", "negative", "annotation", "accepted"),
+    }
+
+    published = read_topic(
+        cli_env["FLYWHEEL_KAFKA_BOOTSTRAP"],
+        Topic.FEEDBACK.value,
+        lambda events: any(token in (getattr(event, "text", "") or "") for event in events),
+    )
+    ours = [event for event in published if isinstance(event, FeedbackEvent) and token in (event.text or "")]
+    assert [(event.label, event.source, event.status) for event in ours] == [("positive", "annotation", "accepted")]
+
+    stats = run(cli_env, "feedback", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    data = json.loads(stats.stdout)
+    assert data["by_status"] == {"accepted": 2}
+    assert data["by_label"] == {"negative": 1, "positive": 1}
+    assert [(s["source"], s["trusted"]) for s in data["sources"]] == [("annotation", True)]
+
+
+def test_import_errors_are_one_line(trained_home: dict[str, str], tmp_path: Path) -> None:
+    env = {**copy_home(trained_home, tmp_path / "home"), "FLYWHEEL_DATABASE_URL": f"sqlite:///{tmp_path}/f.db"}
+    missing = run(env, "feedback", "import", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: annotation file not found: {tmp_path / 'nope.csv'}"
+    columns = tmp_path / "wrong.csv"
+    columns.write_text("sentence,tag\nhello,positive\n")
+    wrong = run(env, "feedback", "import", str(columns))
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith(f"error: {columns} has no column 'text', 'label'; found ['sentence', 'tag']")
+    source = run(env, "feedback", "import", str(columns), "--source", "team a")
+    assert source.returncode == 2
+    assert source.stderr.startswith("error: invalid source 'team a'")

@@ -1,0 +1,44 @@
+"""The review queue: least-confident recent unlabeled predictions first, near-duplicates collapsed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from feedback.models import FeedbackCreate
+from feedback.review import NearDuplicates, ReviewQueue
+from feedback.store import FeedbackStore, prediction_row
+from flywheel.events import utcnow
+from tests.feedback.conftest import prediction
+
+
+def test_queue_orders_by_margin_then_recency_and_collapses_duplicates(store: FeedbackStore) -> None:
+    now = utcnow()
+    ago = lambda minutes: now - timedelta(minutes=minutes)  # noqa: E731
+    crafted = {
+        "unsure": prediction("the plot was okay I guess, nothing special at all", 0.51, at=ago(5)),
+        "exact copy": prediction("The plot was OKAY, I guess... nothing special at all!", 0.52, at=ago(4)),
+        "near copy": prediction("the plot was okay I guess, nothing special at all really", 0.525, at=ago(3)),
+        "newer tie": prediction("mixed feelings about the cast", 0.55, at=ago(1)),
+        "older tie": prediction("hard to say if I liked it", 0.55, at=ago(30)),
+        "confident": prediction("a total delight from start to finish", 0.99, at=ago(2)),
+        "labeled": prediction("could go either way", 0.50, at=ago(2)),
+        "too old": prediction("ancient and uncertain", 0.50, at=now - timedelta(days=30)),
+    }
+    store.ingest([prediction_row(event, now) for event in crafted.values()])
+    store.submit(FeedbackCreate(prediction_id=crafted["labeled"].prediction_id, label="positive", source="web"))
+
+    queue = ReviewQueue(store.database, store.settings)
+    items = queue.next(limit=10, now=now)
+    by_id = {event.prediction_id: name for name, event in crafted.items()}
+    assert [by_id[item.prediction_id] for item in items] == ["unsure", "newer tie", "older tie", "confident"]
+    assert items[0].similar == 2
+    assert items[0].margin < items[1].margin
+    assert [by_id[item.prediction_id] for item in queue.next(limit=2, now=now)] == ["unsure", "newer tie"]
+
+
+def test_near_duplicates_need_the_similarity_threshold() -> None:
+    groups = NearDuplicates(threshold=0.8)
+    assert groups.match("one two three four five six seven eight nine ten") is None
+    assert groups.match("one two three four five six seven eight nine ten eleven") == 0
+    assert groups.match("one two three four five something else entirely here") is None
+    assert groups.match("") is None
