@@ -128,6 +128,71 @@ def models_rollback() -> None:
     typer.echo(f"champion: {change.previous} -> {change.version}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default FLYWHEEL_SERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FLYWHEEL_SERVE_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default FLYWHEEL_SERVE_WORKERS).")] = None,
+) -> None:
+    """Serve the champion model over HTTP with BentoML until Ctrl-C; promoted models load without a restart."""
+    import importlib.util
+    import os
+
+    from flywheel.registry import ModelRegistry
+
+    settings = _settings()
+    if ModelRegistry(settings).champion() is None:
+        typer.echo("warning: no champion model yet; /predict answers 503 until `flywheel train` promotes one", err=True)
+    spec = importlib.util.find_spec("service.service")
+    if spec is None or spec.origin is None:
+        raise FlywheelError("the `service` package is not importable; run from the Flywheel checkout")
+    env = dict(os.environ)
+    if workers is not None:
+        env["FLYWHEEL_SERVE_WORKERS"] = str(workers)
+    # Each server gets BentoML's state (model store, metrics files) under the Flywheel home, not ~/bentoml.
+    env.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    command = [
+        sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
+        "--working-dir", str(Path(spec.origin).parent.parent),
+        "--host", host or settings.serve_host,
+        "--port", str(port or settings.serve_port),
+    ]
+    os.execve(sys.executable, command, env)
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback only).")] = 9092,
+) -> None:
+    """Run the embedded Kafka-compatible broker (tansu) in the foreground until Ctrl-C. Dev only: in memory."""
+    import signal
+    import time
+
+    from flywheel.broker import EmbeddedBroker
+
+    _settings()
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    embedded = EmbeddedBroker(port=port).start()
+    typer.echo(
+        f"tansu broker on {embedded.bootstrap} with topics created. DEV ONLY: storage is in memory and everything "
+        f"is lost when it stops. Point services at it with FLYWHEEL_KAFKA_BOOTSTRAP={embedded.bootstrap}; "
+        "set that variable to a real Kafka instead in production. Ctrl-C stops it."
+    )
+    try:
+        while embedded.running():
+            time.sleep(0.5)
+        raise FlywheelError("the tansu broker exited unexpectedly")
+    except KeyboardInterrupt:
+        typer.echo("stopping broker")
+    finally:
+        embedded.stop()
+
+
 feedback_app = typer.Typer(help="The feedback store: annotations in, labels out, statistics, review.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")

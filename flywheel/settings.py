@@ -51,6 +51,41 @@ class Settings(BaseSettings):
     max_train_minutes: float = Field(20.0, gt=0, description="Wall-time cap of one training run, in minutes.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores.")
 
+    # Serving, request log and hot reload
+    serve_host: str = Field("0.0.0.0", description="Address `flywheel serve` binds.")
+    serve_port: int = Field(3000, ge=1, le=65535, description="Port `flywheel serve` listens on.")
+    serve_workers: int = Field(
+        1, ge=1, description="Service worker processes; each loads the model and splits the CPU threads."
+    )
+    serve_timeout: float = Field(60.0, gt=0, description="Seconds a request may take before it is answered 504.")
+    serve_access_log: bool = Field(True, description="Write one access-log line per HTTP request.")
+    predict_max_texts: int = Field(256, ge=1, description="Most texts accepted in one /predict request.")
+    predict_max_chars: int = Field(
+        20_000, ge=1, description="Longest text accepted by /predict, in characters; longer ones are answered 413."
+    )
+    batch_max_size: int = Field(
+        64, ge=1, description="Most texts in one inference batch, gathered across concurrent requests."
+    )
+    batch_max_wait_ms: float = Field(
+        10.0, ge=0, description="Longest wait for concurrent requests to join a batch once traffic is concurrent."
+    )
+    reload_interval: float = Field(
+        2.0, gt=0, description="Seconds between checks of the registry's champion pointer for hot reload."
+    )
+    log_predictions: bool = Field(True, description="Publish every prediction to the flywheel.predictions topic.")
+    publish_queue_size: int = Field(
+        10_000, ge=1, description="Events buffered in memory per process before they overflow to the spill file."
+    )
+    spill_max_bytes: int = Field(
+        1_073_741_824, ge=0, description="Disk cap of a process's spill file; events beyond it are dropped and counted."
+    )
+    kafka_timeout: float = Field(
+        10.0, gt=0, description="Seconds an event may wait for the broker's acknowledgement before it is spilled."
+    )
+    kafka_retry_interval: float = Field(
+        2.0, gt=0, description="Seconds between reconnection attempts while events are being spilled."
+    )
+
     # Feedback store, ingestion, vetting and review queue
     database_ready_timeout: float = Field(
         30.0, gt=0, description="Seconds startup waits for the database to accept connections before giving up."

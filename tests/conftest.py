@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from flywheel.broker import EmbeddedBroker
+from flywheel.events import Event
 from flywheel.settings import Settings
 from tests.support import build_tiny_base, synthetic_sentiment
 
@@ -133,3 +135,89 @@ def broker() -> Iterator[EmbeddedBroker]:
     embedded = EmbeddedBroker(port=free_port()).start()
     yield embedded
     embedded.stop()
+
+
+@contextmanager
+def running_service(env: dict[str, str], port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Run ``bentoml serve`` for the Flywheel service as a subprocess; yields its base URL once /readyz is 200.
+
+    ``env`` holds FLYWHEEL_* variables: a home with a champion (``trained_home`` or a ``copy_home`` of it) and
+    ``FLYWHEEL_KAFKA_BOOTSTRAP=broker.bootstrap``. One worker and one torch thread unless ``env`` says otherwise.
+    The server's output goes to ``<home>/serve-<port>.log``; the whole process group is killed on exit.
+    """
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = port or free_port()
+    home = Path(env["FLYWHEEL_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = {
+        **os.environ,
+        # Per-home BentoML state: `bentoml serve` wipes its Prometheus directory, so servers must not share one.
+        "BENTOML_HOME": str(home / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "FLYWHEEL_SERVE_WORKERS": "1",
+        "FLYWHEEL_TORCH_THREADS": "1",
+        **env,
+    }
+    log_path = home / f"serve-{port}.log"
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
+               "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=Path(__file__).parent.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not ready after {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        # SIGTERM lets workers flush their events; SIGKILL then reaps anything left in the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def read_topic(bootstrap: str, topic: str, done: Callable[[list[Event]], bool], timeout: float = 30.0) -> list[Event]:
+    """Decode every event on ``topic`` from the beginning, polling until ``done(events)`` or ``timeout``."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from flywheel.events import decode
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        deadline = time.monotonic() + timeout
+        while not (partitions := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions or ())])
+        events: list[Event] = []
+        while not done(events) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                events.extend(decode(topic, record.value) for record in records)
+        return events
+    finally:
+        consumer.close()

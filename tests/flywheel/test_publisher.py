@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import FeedbackEvent, PredictionEvent, Topic, new_id
@@ -13,7 +14,7 @@ from flywheel.settings import Settings
 from tests.conftest import free_port, read_topic
 
 
-def _settings(home: Path, bootstrap: str, **overrides: object) -> Settings:
+def _settings(home: Path, bootstrap: str, **overrides: Any) -> Settings:
     return Settings(home=home, kafka_bootstrap=bootstrap, kafka_timeout=2.0, kafka_retry_interval=0.2, **overrides)
 
 
@@ -38,7 +39,7 @@ def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 
 def _ids_in(topic: Topic, bootstrap: str, wanted: list[str]) -> list[str]:
     def key(event: object) -> str:
-        return getattr(event, "prediction_id", None) or getattr(event, "feedback_id", "")
+        return str(getattr(event, "prediction_id", None) or getattr(event, "feedback_id", ""))
 
     events = read_topic(bootstrap, topic, lambda evs: set(wanted) <= {key(e) for e in evs})
     return [key(e) for e in events if key(e) in set(wanted)]

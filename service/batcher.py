@@ -1,0 +1,172 @@
+"""Adaptive batching: concurrent requests share one forward pass on a single inference thread.
+
+The thread takes every request already waiting. When the previous batch held several requests, traffic is
+concurrent, so it also waits up to ``max_wait_ms`` for as many to arrive; after a lone request it never waits, so a
+single client pays no batching delay. Requests are never split, so each is answered by exactly one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from flywheel.errors import FlywheelError
+from service.champion import ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+class NoModelError(FlywheelError):
+    """No champion is loaded yet."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The share of one batch that belongs to one request."""
+
+    model: ServedModel
+    probs: np.ndarray
+    truncated: list[bool]
+
+
+class _Job:
+    __slots__ = ("future", "loop", "texts")
+
+    def __init__(self, texts: list[str], future: asyncio.Future[BatchResult], loop: asyncio.AbstractEventLoop) -> None:
+        self.texts = texts
+        self.future = future
+        self.loop = loop
+
+
+#: Called after each batch with (texts, requests, seconds of inference).
+BatchObserver = Callable[[int, int, float], None]
+
+
+class MicroBatcher:
+    """Gathers texts of concurrent requests into batches for one inference thread."""
+
+    def __init__(
+        self,
+        current_model: Callable[[], ServedModel | None],
+        max_batch_size: int,
+        max_wait_ms: float,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.current_model = current_model
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.observer = observer
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._carry: _Job | None = None
+        self._expected = 1
+        self._thread: threading.Thread | None = None
+
+    async def submit(self, texts: list[str]) -> BatchResult:
+        """Classify ``texts`` in the next batch that has room for all of them."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        self._queue.put(_Job(texts, future, loop))
+        return await future
+
+    def start(self) -> MicroBatcher:
+        """Start the inference thread."""
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the queued work and stop the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def alive(self) -> bool:
+        """Whether the inference thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _gather(self) -> list[_Job] | None:
+        first = self._carry or self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        jobs, size = [first], len(first.texts)
+        deadline = time.monotonic() + self.max_wait
+        while size < self.max_batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if len(jobs) >= self._expected or remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is None:
+                self._queue.put(None)
+                break
+            if size + len(job.texts) > self.max_batch_size:
+                self._carry = job
+                break
+            jobs.append(job)
+            size += len(job.texts)
+        self._expected = len(jobs)
+        return jobs
+
+    def _run(self) -> None:
+        while (jobs := self._gather()) is not None:
+            self._process(jobs)
+
+    def _process(self, jobs: list[_Job]) -> None:
+        # Read the reference once: the whole batch runs on, and reports, this one model.
+        model = self.current_model()
+        if model is None:
+            error: BaseException = NoModelError("no champion model loaded yet: train and promote one first")
+            self._settle(jobs, [error] * len(jobs))
+            return
+        texts = [text for job in jobs for text in job.texts]
+        started = time.perf_counter()
+        try:
+            out = model.classifier.predict_proba(texts, batch_size=self.max_batch_size)
+        except Exception as exc:
+            logger.exception("inference failed for a batch of %d texts on model %s", len(texts), model.version)
+            self._settle(jobs, [exc] * len(jobs))
+            return
+        seconds = time.perf_counter() - started
+        results: list[BatchResult | BaseException] = []
+        start = 0
+        for job in jobs:
+            end = start + len(job.texts)
+            results.append(BatchResult(model, out.probs[start:end], out.truncated[start:end]))
+            start = end
+        self._settle(jobs, results)
+        if self.observer is not None:
+            self.observer(len(texts), len(jobs), seconds)
+
+    @staticmethod
+    def _settle(jobs: list[_Job], results: list[BatchResult | BaseException]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, BatchResult | BaseException]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            by_loop.setdefault(job.loop, []).append((job, result))
+        for loop, pairs in by_loop.items():
+            if loop.is_closed():
+                continue  # the server is shutting down; nobody awaits these any more
+            # One wake-up of the event loop per batch, not per request.
+            loop.call_soon_threadsafe(_resolve, pairs)
+
+
+def _resolve(pairs: list[tuple[_Job, BatchResult | BaseException]]) -> None:
+    for job, result in pairs:
+        if job.future.done():
+            continue  # the client went away and the request was cancelled
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)

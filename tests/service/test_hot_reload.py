@@ -1,0 +1,108 @@
+"""Promoting a new champion while clients send requests: no request fails and the service switches over."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.broker import EmbeddedBroker
+from flywheel.registry import TRAINING_DATA_FILE, ModelRegistry
+from flywheel.settings import Settings
+from tests.conftest import copy_home, running_service
+from tests.service.conftest import FAST_ENV, metric
+
+pytestmark = pytest.mark.slow
+
+
+def _second_version(registry: ModelRegistry) -> str:
+    """Register another version (the champion's weights under a new version and card)."""
+    champion = registry.champion_version()
+
+    def write(path: Path) -> None:
+        shutil.copytree(champion.model_dir, path / "model", dirs_exist_ok=True)
+        shutil.copy(champion.training_data_path, path / TRAINING_DATA_FILE)
+
+    card = champion.card.model_copy(update={"parent_version": champion.version})
+    return registry.save(card, write).version
+
+
+class Traffic:
+    """Client threads posting /predict in a loop, recording (start, end, status, versions) of every request."""
+
+    def __init__(self, url: str, threads: int = 3) -> None:
+        self.url = url
+        self.records: list[tuple[float, float, int, set[str]]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(threads)]
+
+    def _loop(self, index: int) -> None:
+        body = {"texts": ["a great film", "an awful film"]} if index % 2 else {"text": "a lovely story"}
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                response = http.post("/predict", json=body)
+                versions: set[str] = set()
+                if response.status_code == 200:
+                    data = response.json()
+                    versions = {p["model_version"] for p in data["predictions"]} | {data["model_version"]}
+                self.records.append((started, time.monotonic(), response.status_code, versions))
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def first_answer_from(self, version: str, since: float) -> float | None:
+        """When the first request sent after ``since`` came back answered by ``version``."""
+        ends = [end for start, end, _, versions in self.records if start > since and versions == {version}]
+        return min(ends) if ends else None
+
+
+def _switch_time(traffic: Traffic, version: str, since: float, timeout: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout
+    while (seen := traffic.first_answer_from(version, since)) is None:
+        assert time.monotonic() < deadline, f"service never answered with {version}"
+        time.sleep(0.05)
+    time.sleep(1.0)  # keep the traffic flowing on the new model for a while
+    return seen
+
+
+def test_promotion_and_rollback_switch_models_without_failing_a_request(
+    trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    env = {**copy_home(trained_home, tmp_path / "home"), **FAST_ENV, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}
+    registry = ModelRegistry(Settings(home=Path(env["FLYWHEEL_HOME"])))
+    first = registry.champion()
+    assert first is not None
+    second = _second_version(registry)
+
+    with running_service(env) as url, Traffic(url) as traffic:
+        _switch_time(traffic, first, since=0.0)
+        promoted_at = time.monotonic()
+        registry.promote(second, reason="test")
+        switched = _switch_time(traffic, second, since=promoted_at)
+        assert httpx.get(f"{url}/model").json()["version"] == second
+        rollback_at = time.monotonic()
+        registry.rollback(reason="test")
+        switched_back = _switch_time(traffic, first, since=rollback_at)
+        assert metric(url, "flywheel_model_swaps_total") == 3
+        assert metric(url, "flywheel_served_model", version=first) == 1
+        assert metric(url, "flywheel_served_model", version=second) == 0
+
+    assert {status for _, _, status, _ in traffic.records} == {200}, "every request during the swaps succeeded"
+    assert all(len(versions) == 1 for *_, versions in traffic.records), "each request is answered by one model"
+    # Once a response came from the new model, every request sent afterwards reports it.
+    on_second = [v for start, _, _, v in traffic.records if switched < start < rollback_at]
+    on_first_again = [v for start, _, _, v in traffic.records if start > switched_back]
+    assert on_second and all(v == {second} for v in on_second)
+    assert on_first_again and all(v == {first} for v in on_first_again)

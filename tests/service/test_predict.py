@@ -1,0 +1,96 @@
+"""Predictions over HTTP from a real `bentoml serve` process: contract, batching, model info, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+
+import httpx
+import pytest
+
+from tests.service.conftest import metric, samples
+
+pytestmark = pytest.mark.slow
+
+
+def test_single_text_gets_one_prediction_from_the_champion(client: httpx.Client) -> None:
+    served = client.get("/model").json()
+    response = client.post("/predict", json={"text": "the acting was really excellent"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model_version"] == served["version"]
+    [prediction] = body["predictions"]
+    assert set(prediction) == {"prediction_id", "label", "confidence", "scores", "model_version", "truncated"}
+    assert prediction["label"] == "positive"
+    assert prediction["model_version"] == served["version"]
+    assert set(prediction["scores"]) == set(served["labels"]) == {"negative", "positive"}
+    assert prediction["confidence"] == max(prediction["scores"].values())
+    assert sum(prediction["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert uuid.UUID(prediction["prediction_id"]).version == 7
+    assert prediction["truncated"] is False
+
+
+def test_batch_answers_each_text_in_order(client: httpx.Client) -> None:
+    texts = ["a great film", "an awful plot", "the cast was wonderful", "boring and dreadful story", "superb"]
+    response = client.post("/predict", json={"texts": texts})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == ["positive", "negative", "positive", "negative", "positive"]
+    ids = [p["prediction_id"] for p in predictions]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids), "ids are time-ordered"
+    assert len({p["model_version"] for p in predictions}) == 1
+
+
+def test_text_longer_than_the_model_reads_is_truncated_and_says_so(client: httpx.Client) -> None:
+    long_text = "the movie was great and the plot was lovely " * 40
+    response = client.post("/predict", json={"texts": [long_text, "short and good"]})
+    assert response.status_code == 200
+    assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
+
+
+def test_model_reports_version_labels_metrics_and_load_time(client: httpx.Client) -> None:
+    info = client.get("/model").json()
+    assert info["labels"] == ["negative", "positive"]
+    assert 0.0 <= info["holdout_metrics"]["macro_f1"] <= 1.0
+    assert datetime.fromisoformat(info["loaded_at"]) >= datetime.fromisoformat(info["created_at"])
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["max_length"] == 32
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_concurrent_requests_are_batched_together(service_url: str) -> None:
+    batches_before = metric(service_url, "flywheel_batch_requests_count")
+    requests_before = metric(service_url, "flywheel_batch_requests_sum")
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=service_url, timeout=30, limits=limits) as http:
+            return await asyncio.gather(
+                *(http.post("/predict", json={"text": f"a really great movie {i}"}) for i in range(96))
+            )
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    requests = metric(service_url, "flywheel_batch_requests_sum") - requests_before
+    batches = metric(service_url, "flywheel_batch_requests_count") - batches_before
+    assert requests == 96
+    assert batches < requests / 2, f"{requests:.0f} concurrent requests ran in {batches:.0f} batches"
+
+
+def test_metrics_expose_predictions_confidence_batches_and_kafka_events(client: httpx.Client, service_url: str) -> None:
+    version = client.get("/model").json()["version"]
+    client.post("/predict", json={"texts": ["great", "awful"]})
+    assert metric(service_url, "flywheel_predictions_total", label="positive", model_version=version) >= 1
+    assert metric(service_url, "flywheel_predictions_total", label="negative", model_version=version) >= 1
+    assert metric(service_url, "flywheel_prediction_confidence_count") >= 2
+    assert metric(service_url, "flywheel_batch_size_count") >= 1
+    assert metric(service_url, "flywheel_served_model", version=version) == 1
+    for outcome in ("sent", "spilled", "dropped"):
+        assert samples(service_url, "flywheel_kafka_events_total", topic="flywheel.predictions", outcome=outcome)
+    assert metric(service_url, "flywheel_kafka_events_total", topic="flywheel.predictions", outcome="sent") >= 1
