@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.table import Table
 from flywheel.errors import FlywheelError
 from flywheel.logs import configure_logging
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from retrain.runner import RetrainRunner
 
 app = typer.Typer(help="Flywheel: serve a text classifier and improve it from feedback.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect the model registry and move the champion pointer.", no_args_is_help=True)
@@ -366,6 +369,68 @@ def feedback_source(
     source = store.set_source(name, trusted=trust, quarantined=False if release else None)
     store.database.dispose()
     typer.echo(source.model_dump_json(indent=2))
+
+
+retrain_app = typer.Typer(help="Retrain the champion from accepted feedback.", no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain")
+
+
+def _retrain_runner(settings: Settings) -> RetrainRunner:
+    from feedback.store import open_store
+    from flywheel.registry import ModelRegistry
+    from retrain.runner import RetrainRunner
+
+    store = open_store(settings)
+    return RetrainRunner(settings, store.database, store, ModelRegistry(settings))
+
+
+@retrain_app.command("now")
+def retrain_now(
+    from_base: Annotated[bool, typer.Option(help="Fine-tune from the base model, not the champion.")] = False,
+) -> None:
+    """Run one retrain in this process: train a challenger, gate it, promote it if it is better."""
+    import signal
+
+    from retrain.models import RunTrigger
+
+    settings = _settings()
+    if from_base:
+        settings = settings.model_copy(update={"retrain_from_base": True})
+    # SIGTERM ends the run like Ctrl-C does, so it is recorded as failed instead of left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    run = _retrain_runner(settings).run(RunTrigger.MANUAL)
+    if run is None:
+        typer.echo("error: another worker is retraining right now; try again when it finishes", err=True)
+        sys.exit(3)
+    typer.echo(f"run {run.run_id}: {run.status} — {run.reason}")
+    if run.challenger_version:
+        typer.echo(f"champion {run.champion_version}, challenger {run.challenger_version}")
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20) -> None:
+    """Retrain history, newest first: trigger, data counts, both models' scores, decision."""
+    table = Table("run", "started", "trigger", "status", "feedback train/eval", "champion", "challenger", "reason")
+    for run in _retrain_runner(_settings()).runs(limit):
+        table.add_row(
+            run.run_id,
+            run.started_at.strftime("%Y-%m-%d %H:%M:%S") if run.started_at else "-",
+            run.trigger,
+            run.status,
+            f"{run.feedback_train_rows}/{run.feedback_eval_rows}",
+            run.champion_version or "-",
+            run.challenger_version or "-",
+            run.reason or "",
+        )
+    console.print(table)
+
+
+@app.command()
+def worker() -> None:
+    """The retrain worker: scheduled checks, queued and drift-triggered retrains, housekeeping; stops on SIGTERM."""
+    from retrain.worker import RetrainWorker
+
+    RetrainWorker(_settings()).run_forever()
 
 
 def main() -> None:

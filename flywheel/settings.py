@@ -135,6 +135,111 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
     )
 
+    # Drift monitoring
+    drift_interval_seconds: int = Field(
+        3600, ge=60, description="Seconds between scheduled drift reports (`flywheel drift watch`, retrain worker)."
+    )
+    drift_window_hours: float = Field(
+        24.0, gt=0, description="The current window holds the predictions logged in the last this many hours."
+    )
+    drift_window_max_rows: int = Field(
+        10_000, ge=1, description="Most recent predictions in the current window (the newest are kept)."
+    )
+    drift_min_rows: int = Field(
+        200, ge=10, description="Fewer current predictions than this give an `insufficient_data` result, no verdict."
+    )
+    drift_reference_max_rows: int = Field(
+        10_000, ge=100, description="Training rows sampled as the drift reference (cached per model version)."
+    )
+    drift_text_method: str = Field(
+        "abs_text_content_drift",
+        description="Evidently method for the raw text column (a domain classifier: its ROC AUC is the score).",
+    )
+    drift_text_threshold: float = Field(
+        0.6, gt=0, description="Text content drift fires above this domain-classifier ROC AUC."
+    )
+    drift_embedding_method: str = Field(
+        "model", description="Evidently embedding drift method on the model's sentence embeddings: "
+        "model (domain classifier ROC AUC), distance, ratio or mmd."
+    )
+    drift_embedding_threshold: float = Field(
+        0.6, gt=0, description="Embedding drift fires above this score of the embedding method."
+    )
+    drift_numeric_method: str = Field(
+        "wasserstein", description="Evidently method for the text descriptors (numeric, normed by the reference)."
+    )
+    drift_numeric_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="Text-descriptor drift fires above this score (0.2 keeps 200-row windows of unchanged traffic "
+        "quiet with the normed Wasserstein method).",
+    )
+    drift_confidence_method: str = Field(
+        "ed",
+        description="Evidently method for the prediction confidence; energy distance is not normed, as confidence "
+        "has a fixed scale and a confident model's narrow spread would inflate normed scores.",
+    )
+    drift_confidence_threshold: float = Field(
+        0.1, gt=0, description="Prediction-confidence drift fires above this score."
+    )
+    drift_label_method: str = Field(
+        "jensenshannon", description="Evidently method for label columns: predicted labels and feedback labels."
+    )
+    drift_label_threshold: float = Field(
+        0.1, gt=0, description="Predicted-label and feedback-label drift fire above this score."
+    )
+    drift_embedding_plot_rows: int = Field(
+        500, ge=50, description="Rows per side in the report's t-SNE picture of the embeddings (t-SNE is slow)."
+    )
+    drift_min_signals: int = Field(
+        1, ge=1, description="The report's verdict is `drifted` when at least this many signals fire."
+    )
+    drift_min_feedback_rows: int = Field(
+        50, ge=1, description="Accepted feedback labels in the window needed before feedback-label drift is tested."
+    )
+    drift_targeted_labels: int = Field(
+        50, ge=0, description="On drift, this many of the window's requests least like the reference go to the "
+        "front of the review queue; 0 = off."
+    )
+
+    # Retrain worker
+    retrain_interval_seconds: int = Field(
+        900, ge=10, description="Seconds between the worker's retrain checks (schedule trigger)."
+    )
+    retrain_min_new_labels: int = Field(
+        100, ge=1, description="Accepted, unused feedback labels that trigger a retrain at the next check."
+    )
+    retrain_from_base: bool = Field(
+        False, description="Fine-tune challengers from the base model instead of warm-starting from the champion."
+    )
+    retrain_feedback_weight: float = Field(
+        3.0, gt=0, description="Loss weight of a feedback row relative to a replayed original training row."
+    )
+    retrain_replay_rows: int = Field(
+        20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
+    )
+    retrain_eval_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Share of fresh feedback held out from training to compare challenger and champion."
+    )
+    retrain_min_eval_rows: int = Field(
+        10, ge=1, description="Fewest held-out feedback rows a gate decision needs; with fewer the run is skipped."
+    )
+    retrain_min_gain: float = Field(
+        0.0, ge=0, description="Macro-F1 gain on the held-out feedback a challenger needs over the champion."
+    )
+    retrain_max_holdout_drop: float = Field(
+        0.01, ge=0, description="Most golden-holdout macro-F1 a challenger may lose against the champion (0.01 = 1 pt)."
+    )
+    retrain_lease_seconds: float = Field(
+        120.0, gt=0, description="Retrain lock lease; a worker that stops renewing it is presumed dead after this long."
+    )
+    retrain_queue_poll_seconds: float = Field(
+        5.0, gt=0, description="Seconds between the worker's checks for retrains requested through the API."
+    )
+    housekeeping_interval_seconds: int = Field(
+        3600, ge=10, description="Seconds between housekeeping runs (orphan feedback, old drift reports)."
+    )
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:

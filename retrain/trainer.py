@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,10 +71,17 @@ class TrainingResult:
 class Trainer:
     """Fine-tunes ``AutoModelForSequenceClassification`` with the settings' hyperparameters."""
 
-    def __init__(self, settings: Settings, device: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: str | None = None,
+        progress: bool = True,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings = settings
         self.device = pick_device(device)
         self.progress = progress
+        self.stop = stop or threading.Event()
 
     def hyperparameters(self) -> dict[str, float | int]:
         """The knobs recorded on every model card."""
@@ -177,6 +185,9 @@ class Trainer:
                 running_loss += loss.item()
                 rate = seen / (time.monotonic() - started)
                 bar.set_postfix(loss=f"{running_loss / step:.4f}", samples_s=f"{rate:.1f}")
+                if self.stop.is_set():
+                    bar.close()
+                    raise TrainingError("training was stopped (worker shutting down)")
                 if time.monotonic() > deadline:
                     timed_out = True
                     break

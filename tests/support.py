@@ -44,3 +44,21 @@ def synthetic_sentiment(n: int, seed: int = 0) -> pd.DataFrame:
         words.insert(rng.randint(0, len(words)), word)
         rows.append({"text": " ".join(words) + f" {i}", "label": label})
     return pd.DataFrame(rows)
+
+
+PRODUCT_POSITIVE = ["sturdy", "reliable", "speedy", "intuitive", "durable", "comfortable"]
+PRODUCT_NEGATIVE = ["flimsy", "broken", "laggy", "confusing", "leaky", "noisy"]
+PRODUCT_FILLER = ["the", "app", "phone", "charger", "battery", "seller", "delivery", "screen", "case", "this", "my"]
+
+
+def product_reviews(n: int, seed: int = 0) -> pd.DataFrame:
+    """A domain the synthetic movie task never covers: product words decide the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        word = rng.choice(PRODUCT_POSITIVE if label == "positive" else PRODUCT_NEGATIVE)
+        words = rng.sample(PRODUCT_FILLER, rng.randint(3, 6))
+        words.insert(rng.randint(0, len(words)), word)
+        rows.append({"text": " ".join(words) + f" #{seed}-{i}", "label": label})
+    return pd.DataFrame(rows)

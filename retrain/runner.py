@@ -1,0 +1,239 @@
+"""One retrain run: lock, assemble data, fine-tune a challenger, gate it against the champion, promote or not."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlmodel import col, func, select
+
+from feedback.database import Database
+from feedback.models import Feedback, FeedbackStatus
+from feedback.store import FeedbackStore
+from flywheel.classifier import Classifier
+from flywheel.errors import FlywheelError
+from flywheel.events import utcnow
+from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.settings import Settings
+from retrain.dataset import RetrainData, assemble
+from retrain.evaluation import Metrics, evaluate
+from retrain.gate import GateScores, decide
+from retrain.lease import RetrainLock
+from retrain.models import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
+from retrain.pipeline import TrainingPipeline
+from retrain.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = (RunStatus.RUNNING, RunStatus.PROMOTING)
+FINAL = (RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.SKIPPED, RunStatus.FAILED)
+
+
+class RunNotFoundError(FlywheelError):
+    """No retrain run has that id."""
+
+
+class RetrainRunner:
+    """Executes retrain runs and keeps their history in the ``retrain_run`` table."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        store: FeedbackStore,
+        registry: ModelRegistry,
+        *,
+        stop: threading.Event | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.store = store
+        self.registry = registry
+        self.stop = stop or threading.Event()
+        self.progress = progress
+        self.lock = RetrainLock(database, settings.retrain_lease_seconds)
+
+    # History
+
+    def request(self, trigger: RunTrigger, reason: str | None = None) -> RetrainRunPublic:
+        """Queue a run for the worker; an already queued run is returned instead of a second one."""
+        with self.database.session() as session:
+            queued = session.exec(select(RetrainRun).where(col(RetrainRun.status) == RunStatus.QUEUED)).first()
+            if queued is None:
+                queued = RetrainRun(trigger=trigger, reason=reason)
+                session.add(queued)
+                session.flush()
+            return RetrainRunPublic.model_validate(queued, from_attributes=True)
+
+    def runs(self, limit: int = 50) -> list[RetrainRunPublic]:
+        """Most recent runs first."""
+        with self.database.read_session() as session:
+            rows = session.exec(select(RetrainRun).order_by(col(RetrainRun.created_at).desc()).limit(limit))
+            return [RetrainRunPublic.model_validate(row, from_attributes=True) for row in rows]
+
+    def get(self, run_id: str) -> RetrainRunPublic:
+        """One run by id."""
+        with self.database.read_session() as session:
+            row = session.get(RetrainRun, run_id)
+            if row is None:
+                raise RunNotFoundError(f"no retrain run {run_id!r}; `flywheel runs` lists them")
+            return RetrainRunPublic.model_validate(row, from_attributes=True)
+
+    def queued(self) -> RetrainRunPublic | None:
+        """The oldest queued run, if any."""
+        with self.database.read_session() as session:
+            query = select(RetrainRun).where(col(RetrainRun.status) == RunStatus.QUEUED)
+            row = session.exec(query.order_by(col(RetrainRun.created_at))).first()
+            return RetrainRunPublic.model_validate(row, from_attributes=True) if row else None
+
+    def new_labels(self) -> int:
+        """Accepted, unused feedback newer than both the champion and the last finished run."""
+        champion = self.registry.champion()
+        since = self.registry.get(champion).card.created_at if champion else None
+        with self.database.read_session() as session:
+            last = session.exec(
+                select(RetrainRun.started_at)
+                .where(col(RetrainRun.status).in_(FINAL), col(RetrainRun.started_at).is_not(None))
+                .order_by(col(RetrainRun.started_at).desc())
+            ).first()
+            if last is not None and (since is None or last > since):
+                since = last
+            query = select(func.count()).where(
+                col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None)
+            )
+            if since is not None:
+                query = query.where(col(Feedback.created_at) > since)
+            return int(session.exec(query).one())
+
+    # Execution
+
+    def run(self, trigger: RunTrigger, run_id: str | None = None) -> RetrainRunPublic | None:
+        """Run now if no other worker is retraining; None when the lock is held elsewhere (queued runs stay queued)."""
+        if not self.lock.acquire():
+            logger.info("another worker holds the retrain lock; not starting a %s run", trigger)
+            return None
+        with self.lock.heartbeat():
+            self.recover()
+            run = self._start(trigger, run_id)
+            started = time.monotonic()
+            try:
+                self._execute(run.run_id)
+            except BaseException as exc:
+                reason = "stopped before it finished" if isinstance(exc, KeyboardInterrupt | SystemExit) else str(exc)
+                logger.exception("retrain run %s failed", run.run_id)
+                self._finish(run.run_id, RunStatus.FAILED, f"failed: {reason}"[:1000], started)
+                if not isinstance(exc, Exception):
+                    raise
+        return self.get(run.run_id)
+
+    def recover(self) -> int:
+        """Close runs left active by a worker that died; call only while holding the lock."""
+        champion = self.registry.champion()
+        fixed = 0
+        with self.database.session() as session:
+            for row in session.exec(select(RetrainRun).where(col(RetrainRun.status).in_(ACTIVE))):
+                if row.status == RunStatus.PROMOTING and row.challenger_version == champion:
+                    row.status, row.reason = RunStatus.PROMOTED, "promoted; the worker stopped before recording it"
+                else:
+                    row.status = RunStatus.FAILED
+                    row.reason = f"worker {row.worker} stopped during the run; the champion was not changed"
+                row.finished_at = utcnow()
+                fixed += 1
+        if fixed:
+            logger.warning("marked %d interrupted retrain runs as finished", fixed)
+        return fixed
+
+    def _start(self, trigger: RunTrigger, run_id: str | None) -> RetrainRunPublic:
+        now = utcnow()
+        with self.database.session() as session:
+            row = session.get(RetrainRun, run_id) if run_id else None
+            if row is None or row.status != RunStatus.QUEUED:
+                row = RetrainRun(trigger=trigger)
+                session.add(row)
+            row.status, row.started_at, row.heartbeat_at, row.worker = RunStatus.RUNNING, now, now, self.lock.holder
+            session.flush()
+            return RetrainRunPublic.model_validate(row, from_attributes=True)
+
+    def _update(self, run_id: str, **values: Any) -> None:
+        with self.database.session() as session:
+            row = session.get(RetrainRun, run_id)
+            if row is None:
+                raise RunNotFoundError(f"retrain run {run_id} disappeared")
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.heartbeat_at = utcnow()
+
+    def _finish(self, run_id: str, status: RunStatus, reason: str, started: float) -> None:
+        self._update(
+            run_id,
+            status=status,
+            reason=reason,
+            finished_at=utcnow(),
+            duration_seconds=round(time.monotonic() - started, 2),
+        )
+        logger.info("retrain run %s: %s — %s", run_id, status, reason)
+
+    def _execute(self, run_id: str) -> None:
+        started = time.monotonic()
+        champion = self.registry.champion_version()
+        labels = self.store.training_rows()
+        data = assemble(champion, labels, self.settings, self.settings.seed)
+        self._update(
+            run_id,
+            champion_version=champion.version,
+            original_rows=data.original_rows,
+            feedback_rows=data.feedback_rows,
+            feedback_train_rows=len(data.feedback_train_ids),
+            feedback_eval_rows=len(data.feedback_eval),
+        )
+        if len(data.feedback_eval) < self.settings.retrain_min_eval_rows or not data.feedback_train_ids:
+            self._finish(
+                run_id,
+                RunStatus.SKIPPED,
+                f"not enough fresh feedback: {len(data.feedback_train_ids)} rows to train on, "
+                f"{len(data.feedback_eval)} held out (need {self.settings.retrain_min_eval_rows} held out)",
+                started,
+            )
+            return
+
+        challenger = self._train(champion, data)
+        self._update(run_id, challenger_version=challenger.version)
+        champion_scores, champion_metrics = self._score(champion, data)
+        challenger_scores, challenger_metrics = self._score(challenger, data)
+        decision = decide(
+            champion_scores,
+            challenger_scores,
+            min_gain=self.settings.retrain_min_gain,
+            max_holdout_drop=self.settings.retrain_max_holdout_drop,
+        )
+        self._update(run_id, champion_metrics=champion_metrics, challenger_metrics=challenger_metrics)
+        if not decision.promote:
+            self._finish(run_id, RunStatus.REJECTED, decision.reason, started)
+            return
+        # PROMOTING first: if we die between the pointer swap and the next write, recovery can tell what happened.
+        self._update(run_id, status=RunStatus.PROMOTING)
+        self.registry.promote(challenger.version, reason=f"retrain run {run_id}")
+        self.store.mark_used(data.feedback_train_ids, challenger.version)
+        self._finish(run_id, RunStatus.PROMOTED, decision.reason, started)
+
+    def _train(self, champion: ModelVersion, data: RetrainData) -> ModelVersion:
+        trainer = Trainer(self.settings, progress=self.progress, stop=self.stop)
+        pipeline = TrainingPipeline(self.settings, self.registry, trainer)
+        outcome = pipeline.run(
+            data.train,
+            warm_start=None if self.settings.retrain_from_base else champion.version,
+            promote=False,
+            sample_weight_column="weight",
+        )
+        return outcome.version
+
+    def _score(self, version: ModelVersion, data: RetrainData) -> tuple[GateScores, dict[str, Any]]:
+        classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
+        holdout = Metrics.model_validate(version.card.holdout_metrics)
+        feedback = evaluate(classifier, data.feedback_eval)
+        scores = GateScores(holdout_macro_f1=holdout.macro_f1, feedback_macro_f1=feedback.macro_f1)
+        return scores, {"version": version.version, "holdout": holdout.model_dump(), "feedback": feedback.model_dump()}
+

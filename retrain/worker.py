@@ -1,0 +1,195 @@
+"""The retrain worker: APScheduler jobs (persistent schedule), queued and drift-triggered runs, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC
+from types import FrameType
+
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
+
+from feedback.database import Database
+from feedback.store import FeedbackStore
+from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
+from flywheel.registry import ModelRegistry
+from flywheel.settings import Settings
+from retrain.models import RunTrigger
+from retrain.runner import RetrainRunner
+
+logger = logging.getLogger(__name__)
+
+#: The worker whose jobs run in this process; persistent jobs are stored by reference, so they find it here.
+_active: RetrainWorker | None = None
+ALERTS_GROUP = "flywheel-retrain"
+
+
+def scheduled_retrain() -> None:
+    """Job: retrain when any accepted feedback arrived since the last run."""
+    _current().scheduled_retrain()
+
+
+def housekeeping() -> None:
+    """Job: reject orphan feedback past its grace period."""
+    _current().housekeeping()
+
+
+def _current() -> RetrainWorker:
+    if _active is None:
+        raise RuntimeError("no retrain worker is running in this process")
+    return _active
+
+
+class RetrainWorker:
+    """Schedules retrain checks and housekeeping, runs queued and drift-triggered retrains, one at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.database: Database | None = None
+        self.runner: RetrainRunner | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self._alerts: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Connect, migrate, recover dead runs, and start the scheduler and the alert listener."""
+        global _active
+        self.database = Database.from_settings(self.settings).start()
+        store = FeedbackStore(self.database, self.settings)
+        self.runner = RetrainRunner(
+            self.settings, self.database, store, ModelRegistry(self.settings), stop=self.stopping, progress=False
+        )
+        if self.runner.lock.acquire():
+            try:
+                self.runner.recover()
+            finally:
+                self.runner.lock.release()
+        _active = self
+        scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=self.database.engine), "local": MemoryJobStore()},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 600},
+            timezone=UTC,
+        )
+        # Paused start opens the persistent job store, so existing schedules are found and kept, not reset.
+        scheduler.start(paused=True)
+        self._keep_schedule(scheduler, "retrain-check", scheduled_retrain, self.settings.retrain_interval_seconds)
+        self._keep_schedule(scheduler, "housekeeping", housekeeping, self.settings.housekeeping_interval_seconds)
+        scheduler.add_job(
+            self.poll, IntervalTrigger(seconds=self.settings.retrain_queue_poll_seconds), id="retrain-queue",
+            jobstore="local", replace_existing=True,
+        )
+        scheduler.resume()
+        self.scheduler = scheduler
+        self._alerts = threading.Thread(target=self._listen_for_alerts, name="drift-alerts", daemon=True)
+        self._alerts.start()
+        logger.info("retrain worker started (checks every %ss)", self.settings.retrain_interval_seconds)
+
+    @staticmethod
+    def _keep_schedule(scheduler: BackgroundScheduler, job_id: str, func: object, seconds: int) -> None:
+        job = scheduler.get_job(job_id)
+        trigger = IntervalTrigger(seconds=seconds)
+        if job is None:
+            scheduler.add_job(func, trigger, id=job_id, name=job_id)
+        elif job.trigger.interval.total_seconds() != seconds:
+            scheduler.reschedule_job(job_id, trigger=trigger)
+        else:
+            logger.info("kept schedule of %s: next run at %s", job_id, job.next_run_time)
+
+    def poll(self) -> None:
+        """Run a queued (API or drift) request, or retrain when enough new labels have arrived."""
+        runner = self._runner()
+        queued = runner.queued()
+        if queued is not None:
+            runner.run(RunTrigger(queued.trigger), run_id=queued.run_id)
+        elif runner.new_labels() >= self.settings.retrain_min_new_labels:
+            runner.run(RunTrigger.NEW_LABELS)
+
+    def scheduled_retrain(self) -> None:
+        """The interval trigger: retrain if there is any new accepted feedback at all."""
+        runner = self._runner()
+        if runner.new_labels() == 0:
+            logger.info("scheduled retrain check: no new accepted feedback")
+            return
+        runner.run(RunTrigger.SCHEDULE)
+
+    def housekeeping(self) -> None:
+        """Reject feedback whose prediction never arrived."""
+        self._runner().store.expire_orphans()
+
+    def _runner(self) -> RetrainRunner:
+        if self.runner is None:
+            raise RuntimeError("worker not started")
+        return self.runner
+
+    def _listen_for_alerts(self) -> None:
+        # Each drift alert queues one run; the queue poll starts it, so alerts never run retrains concurrently.
+        consumer: KafkaConsumer | None = None
+        while not self.stopping.is_set():
+            try:
+                if consumer is None:
+                    consumer = KafkaConsumer(
+                        Topic.ALERTS,
+                        bootstrap_servers=self.settings.kafka_bootstrap,
+                        group_id=ALERTS_GROUP,
+                        auto_offset_reset="latest",
+                        enable_auto_commit=True,
+                        max_poll_interval_ms=self.settings.ingest_max_poll_interval_ms,
+                        session_timeout_ms=self.settings.ingest_max_poll_interval_ms + 1000,
+                        heartbeat_interval_ms=1000,
+                    )
+                for records in consumer.poll(timeout_ms=1000).values():
+                    for record in records:
+                        self._on_alert(record.value)
+            except KafkaError as exc:
+                logger.warning("drift alert listener: %s; retrying", exc)
+                if consumer is not None:
+                    consumer.close()
+                    consumer = None
+                self.stopping.wait(self.settings.kafka_retry_interval)
+        if consumer is not None:
+            consumer.close()
+
+    def _on_alert(self, payload: bytes) -> None:
+        try:
+            event = decode(Topic.ALERTS, payload)
+        except EventDecodeError as exc:
+            logger.warning("ignoring malformed drift alert: %s", exc)
+            return
+        if isinstance(event, DriftAlertEvent):
+            run = self._runner().request(RunTrigger.DRIFT_ALERT, reason=f"drift report {event.report_id}")
+            logger.info("drift alert %s queued retrain run %s", event.report_id, run.run_id)
+
+    def shutdown(self) -> None:
+        """Stop taking jobs, interrupt a running fine-tune (its run is marked failed), and wait for jobs to end."""
+        global _active
+        self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self._alerts is not None:
+            self._alerts.join(timeout=10)
+        if self.database is not None:
+            self.database.dispose()
+        _active = None
+        logger.info("retrain worker stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s; shutting down", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.shutdown()

@@ -1,0 +1,191 @@
+"""The retrain loop against a real store and registry: gate, promotion, crash safety, locking, schedule."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from feedback.database import Database
+from feedback.store import FeedbackStore
+from flywheel.classifier import Classifier
+from flywheel.registry import ModelRegistry
+from flywheel.settings import Settings
+from retrain.lease import RetrainLock
+from retrain.models import RunStatus, RunTrigger
+from retrain.runner import RetrainRunner
+from retrain.worker import RetrainWorker
+from tests.conftest import copy_home
+from tests.support import product_reviews, synthetic_sentiment
+
+pytestmark = pytest.mark.slow
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+
+
+@pytest.fixture()
+def home_env(trained_home: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = copy_home(trained_home, tmp_path / "home")
+    env["FLYWHEEL_RETRAIN_MIN_EVAL_ROWS"] = "8"
+    env["FLYWHEEL_EPOCHS"] = "6"
+    # The tiny task's holdout has 40 rows: one miss is 2.5 points, so allow two.
+    env["FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP"] = "0.05"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture()
+def runner(home_env: dict[str, str]) -> Iterator[RetrainRunner]:
+    settings = Settings()
+    database = Database.from_settings(settings).start()
+    yield RetrainRunner(settings, database, FeedbackStore(database, settings), ModelRegistry(settings), progress=False)
+    database.dispose()
+
+
+def label(runner: RetrainRunner, rows: pd.DataFrame, source: str = "annotation") -> None:
+    result = runner.store.import_labels(zip(rows["text"], rows["label"], strict=True), source=source)
+    assert result.created == len(rows)
+
+
+def accuracy(version_dir: Path, rows: pd.DataFrame) -> float:
+    model = Classifier.load(version_dir, max_length=32)
+    predicted = [model.labels[i] for i in model.predict_proba(rows["text"].tolist()).probs.argmax(axis=1)]
+    return sum(p == t for p, t in zip(predicted, rows["label"], strict=True)) / len(rows)
+
+
+def test_corrections_teach_a_new_domain_and_the_gate_promotes(runner: RetrainRunner) -> None:
+    registry = runner.registry
+    champion = registry.champion_version()
+    unseen = product_reviews(60, seed=99)
+    before = accuracy(champion.model_dir, unseen)
+    label(runner, product_reviews(160, seed=1))
+    assert runner.new_labels() == 160
+
+    run = runner.run(RunTrigger.MANUAL)
+
+    assert run is not None and run.status == RunStatus.PROMOTED, run
+    assert registry.champion() == run.challenger_version != champion.version
+    assert run.feedback_train_rows + run.feedback_eval_rows == 160
+    assert run.challenger_metrics and run.champion_metrics
+    assert run.challenger_metrics["feedback"]["macro_f1"] > run.champion_metrics["feedback"]["macro_f1"]
+    after = accuracy(registry.champion_version().model_dir, unseen)
+    assert after >= 0.8 and after > before + 0.2, (before, after)
+    used = [f for f in runner.store.export() if f.status == "used"]
+    assert len(used) == run.feedback_train_rows and {f.used_by_version for f in used} == {run.challenger_version}
+    assert runner.new_labels() == 0
+
+
+def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(runner: RetrainRunner) -> None:
+    champion = runner.registry.champion()
+    # Texts like the training data, three in four labels flipped at random: following them costs holdout F1,
+    # ignoring them gains nothing on the (equally poisoned) feedback slice; either way the gate says no.
+    poisoned = synthetic_sentiment(80, seed=7)
+    flip = poisoned.sample(frac=0.75, random_state=7).index
+    poisoned.loc[flip, "label"] = poisoned.loc[flip, "label"].map({"positive": "negative", "negative": "positive"})
+    label(runner, poisoned)
+
+    run = runner.run(RunTrigger.MANUAL)
+
+    assert run is not None and run.status == RunStatus.REJECTED, run
+    assert "golden holdout fell" in (run.reason or "") or "no gain" in (run.reason or "")
+    assert runner.registry.champion() == champion
+    assert run.challenger_version in {v.version for v in runner.registry.list()}
+    assert not [f for f in runner.store.export() if f.status == "used"]
+
+
+def test_too_little_feedback_is_skipped_with_a_reason(runner: RetrainRunner) -> None:
+    label(runner, product_reviews(6, seed=3))
+    run = runner.run(RunTrigger.SCHEDULE)
+    assert run is not None and run.status == RunStatus.SKIPPED
+    assert "not enough fresh feedback" in (run.reason or "")
+
+
+def test_only_one_holder_of_the_retrain_lock(database_url: str) -> None:
+    database = Database(database_url).start()
+    first, second = RetrainLock(database, 60), RetrainLock(database, 60)
+    assert first.acquire()
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    expired = RetrainLock(database, 0.01)
+    second.release()
+    assert expired.acquire()
+    time.sleep(0.05)
+    assert first.acquire(), "an expired lease is free for the taking"
+    database.dispose()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [FLYWHEEL, *args], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_retrains_started_together_run_once(runner: RetrainRunner, home_env: dict[str, str]) -> None:
+    label(runner, product_reviews(80, seed=1))
+    procs = [run_cli(home_env, "retrain", "now") for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 3], results
+    assert any("another worker is retraining" in err for _, _, err in results)
+    assert len(runner.runs()) == 1
+
+
+def test_a_killed_retrain_leaves_the_champion_and_the_next_run_succeeds(
+    runner: RetrainRunner, home_env: dict[str, str]
+) -> None:
+    champion = runner.registry.champion()
+    label(runner, product_reviews(80, seed=1))
+    slow = {**home_env, "FLYWHEEL_EPOCHS": "200", "FLYWHEEL_PATIENCE": "200", "FLYWHEEL_RETRAIN_LEASE_SECONDS": "2"}
+    proc = run_cli(slow, "retrain", "now")
+    deadline = time.monotonic() + 120
+    while not runner.runs() or runner.runs()[0].status != RunStatus.RUNNING or not runner.runs()[0].original_rows:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert runner.registry.champion() == champion
+    time.sleep(2.5)
+
+    done = run_cli({**home_env, "FLYWHEEL_RETRAIN_LEASE_SECONDS": "2"}, "retrain", "now")
+    code, _out, err = done.wait(timeout=300), *done.communicate()
+    assert code == 0, err
+    latest, killed = runner.runs()[:2]
+    assert killed.status == RunStatus.FAILED and "stopped during the run" in (killed.reason or "")
+    assert latest.status == RunStatus.PROMOTED
+    assert runner.registry.champion() == latest.challenger_version
+
+
+def test_worker_restart_keeps_its_schedule_and_finished_runs(runner: RetrainRunner, home_env: dict[str, str]) -> None:
+    settings = Settings(retrain_queue_poll_seconds=0.5)
+    worker = RetrainWorker(settings)
+    worker.start()
+    try:
+        assert worker.scheduler is not None
+        planned = worker.scheduler.get_job("retrain-check").next_run_time
+        label(runner, product_reviews(80, seed=1))
+        queued = runner.request(RunTrigger.API)
+        deadline = time.monotonic() + 120
+        while runner.get(queued.run_id).status not in {RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.FAILED}:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        worker.shutdown()
+    time.sleep(1)
+    again = RetrainWorker(settings)
+    again.start()
+    try:
+        assert again.scheduler is not None
+        assert again.scheduler.get_job("retrain-check").next_run_time == planned
+        time.sleep(2)
+        assert [r.run_id for r in runner.runs()] == [queued.run_id]
+    finally:
+        again.shutdown()
