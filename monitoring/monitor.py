@@ -1,0 +1,141 @@
+"""One drift run: current window against the champion's reference, persisted, targeted, alerted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from flywheel.classifier import Classifier
+from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.settings import Settings
+from monitoring.descriptors import VocabularyShare
+from monitoring.drift import DriftAnalyzer
+from monitoring.performance import PerformanceEstimator
+from monitoring.reference import ReferenceCache
+from monitoring.reports import DriftSummary, standalone_page, with_summary
+from monitoring.targeting import unlike_reference
+
+logger = logging.getLogger(__name__)
+
+#: Columns of a current-window frame; ``feedback_label`` holds accepted feedback or null.
+WINDOW_COLUMNS = ["prediction_id", "text", "predicted", "confidence", "model_version", "created_at", "feedback_label"]
+#: Reference texts the targeting classifier learns from (a sample keeps it fast on large references).
+TARGETING_REFERENCE_ROWS = 5000
+
+
+@dataclass
+class CurrentWindow:
+    """Recent predictions to compare with the reference, and how they were chosen."""
+
+    frame: pd.DataFrame
+    rule: str
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+@dataclass
+class DriftOutcome:
+    """A finished analysis before anything is stored: summary, HTML and the rows to label first."""
+
+    summary: DriftSummary
+    html: str
+    targets: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+class DriftMonitor:
+    """Analyses a window with the serving model; keeps the loaded model between scheduled runs."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or ModelRegistry(settings)
+        self.references = ReferenceCache(settings)
+        self.estimator = PerformanceEstimator(settings)
+        self.analyzer = DriftAnalyzer(settings)
+        self._classifier: Classifier | None = None
+
+    def classifier(self, entry: ModelVersion) -> Classifier:
+        """The classifier of ``entry``, loaded once per version."""
+        if self._classifier is None or self._classifier.version != entry.version:
+            if self.settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(self.settings.torch_threads)
+            self._classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+        return self._classifier
+
+    def evaluate(self, window: CurrentWindow, entry: ModelVersion | None = None) -> DriftOutcome:
+        """Analyse ``window`` against the reference of ``entry`` (default: the champion)."""
+        s = self.settings
+        started = time.perf_counter()
+        entry = entry or self.registry.champion_version()
+        frame = window.frame.reset_index(drop=True)
+        served_mask = (frame["model_version"] == entry.version).to_numpy()
+        summary = DriftSummary(
+            verdict="insufficient_data",
+            model_version=entry.version,
+            window_start=window.start,
+            window_end=window.end,
+            window_rule=window.rule,
+            current_rows=len(frame),
+            served_rows=int(served_mask.sum()),
+            feedback_rows=int(frame["feedback_label"].notna().sum()),
+            min_rows=s.drift_min_rows,
+            min_signals=s.drift_min_signals,
+        )
+        if len(frame) < s.drift_min_rows:
+            summary.message = (
+                f"insufficient data: {len(frame)} predictions in the window, at least {s.drift_min_rows} are needed "
+                "(FLYWHEEL_DRIFT_MIN_ROWS); no verdict"
+            )
+            summary.duration_seconds = round(time.perf_counter() - started, 3)
+            logger.info("drift run %s: %s", summary.report_id, summary.message)
+            return DriftOutcome(summary=summary, html=standalone_page(summary))
+
+        classifier = self.classifier(entry)
+        t0 = time.perf_counter()
+        reference = self.references.load(entry, classifier)
+        calibration = self.estimator.calibration(entry.version, classifier)
+        t1 = time.perf_counter()
+        embeddings = classifier.embed(frame["text"].astype(str).tolist()).astype(np.float32)
+        t2 = time.perf_counter()
+        tokenizer = classifier.tokenizer
+        vocabulary = VocabularyShare(tokenizer.get_vocab(), lowercase=bool(getattr(tokenizer, "do_lower_case", False)))
+        current = frame.assign(
+            predicted=frame["predicted"].where(served_mask, None),
+            confidence=frame["confidence"].where(served_mask, None),
+        )
+        analysis = self.analyzer.analyze(reference, current, embeddings, vocabulary)
+        t3 = time.perf_counter()
+        summary.verdict = analysis.verdict
+        summary.reference_rows = len(reference.frame)
+        summary.drift_score = analysis.drift_score
+        summary.signals = analysis.signals
+        summary.fired = analysis.fired
+        summary.performance = self.estimator.estimate(calibration, frame[served_mask])
+        summary.message = (
+            f"{len(analysis.fired)} of {sum(sig.score is not None for sig in analysis.signals)} signals fired"
+            + (f": {', '.join(analysis.fired)}" if analysis.fired else "")
+        )
+        targets = pd.DataFrame()
+        if analysis.verdict == "drifted" and s.drift_targeted_labels > 0:
+            texts = reference.frame["text"]
+            if len(texts) > TARGETING_REFERENCE_ROWS:
+                texts = texts.sample(TARGETING_REFERENCE_ROWS, random_state=s.seed)
+            targets = unlike_reference(
+                texts.astype(str).tolist(), frame[["prediction_id", "text"]], s.drift_targeted_labels, s.seed
+            )
+        t4 = time.perf_counter()
+        summary.timings = {
+            "reference_seconds": round(t1 - t0, 3),
+            "embedding_seconds": round(t2 - t1, 3),
+            "evidently_seconds": round(t3 - t2, 3),
+            "targeting_seconds": round(t4 - t3, 3),
+        }
+        summary.duration_seconds = round(time.perf_counter() - started, 3)
+        html = with_summary(analysis.snapshot.get_html_str(as_iframe=False), summary)
+        return DriftOutcome(summary=summary, html=html, targets=targets)
