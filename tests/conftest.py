@@ -138,11 +138,14 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @contextmanager
-def running_service(env: dict[str, str], port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+def running_service(
+    env: dict[str, str], port: int | None = None, timeout: float = 120.0, wait_for: str = "/readyz"
+) -> Iterator[str]:
     """Run ``bentoml serve`` for the Flywheel service as a subprocess; yields its base URL once /readyz is 200.
 
     ``env`` holds FLYWHEEL_* variables: a home with a champion (``trained_home`` or a ``copy_home`` of it) and
     ``FLYWHEEL_KAFKA_BOOTSTRAP=broker.bootstrap``. One worker and one torch thread unless ``env`` says otherwise.
+    ``wait_for="/healthz"`` yields as soon as the server is alive, ready or not.
     The server's output goes to ``<home>/serve-<port>.log``; the whole process group is killed on exit.
     """
     import contextlib
@@ -181,7 +184,7 @@ def running_service(env: dict[str, str], port: int | None = None, timeout: float
             if process.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
