@@ -433,6 +433,21 @@ def worker() -> None:
     RetrainWorker(_settings()).run_forever()
 
 
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="HTTP port of the service (bound to 127.0.0.1).")] = 3000,
+    broker_port: Annotated[
+        int, typer.Option(help="Port of the embedded broker; unused when FLYWHEEL_KAFKA_BOOTSTRAP is set.")
+    ] = 9092,
+    data: Annotated[Path | None, typer.Option(help="Labeled file for the first model (default: the seed set).")] = None,
+    train_minutes: Annotated[float, typer.Option(help="Wall-time cap of the first training run.")] = 5.0,
+) -> None:
+    """The whole loop on this machine: broker, first model, service, ingestion, worker; Ctrl-C stops it all."""
+    from flywheel.stack import LocalStack
+
+    LocalStack(_settings(), port=port, broker_port=broker_port, data=data, train_minutes=train_minutes).run()
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user-fixable errors into one line and exit code 2."""
     try:

@@ -32,5 +32,5 @@ def configure_logging(level: str = "INFO", as_json: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Client libraries are chatty at INFO; their warnings still come through.
-    for noisy in ("kafka", "httpx", "urllib3", "transformers", "bentoml"):
+    for noisy in ("kafka", "httpx", "urllib3", "transformers", "bentoml", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

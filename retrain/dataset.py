@@ -35,8 +35,9 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
         [
             {"feedback_id": row.feedback_id, "text": normalize_text(row.text), "label": row.label}
             for row in labels
-            # Vetting flags are respected here too: flagged rows never train, even if someone accepted them.
-            if row.label in known and not row.label_issue and not row.conflict
+            # Accepted means vetted: a possible label error was accepted by a trusted source or a reviewer, and
+            # those corrections of confident mistakes teach the most. Unresolved conflicts between sources never train.
+            if row.label in known and not row.conflict
         ],
         columns=["feedback_id", "text", "label"],
     )

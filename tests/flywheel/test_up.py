@@ -1,0 +1,137 @@
+"""``flywheel up`` as a newcomer runs it: everything starts, the loop turns, crashes heal, SIGTERM cleans up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.support import product_reviews
+
+pytestmark = pytest.mark.slow
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes: it only waits to be reaped by its parent.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().split(")")[-1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+@pytest.fixture()
+def stack(tiny_base: Path, synthetic_csv: Path, tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
+    port = free_port()
+    home = tmp_path / "home"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "BENTOML_"))},
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_BASE_MODEL": str(tiny_base),
+        "FLYWHEEL_EPOCHS": "6",
+        "FLYWHEEL_LEARNING_RATE": "0.002",
+        "FLYWHEEL_BATCH_SIZE": "16",
+        "FLYWHEEL_MAX_LENGTH": "32",
+        "FLYWHEEL_TORCH_THREADS": "1",
+        "FLYWHEEL_RELOAD_INTERVAL": "0.5",
+        "FLYWHEEL_FEEDBACK_RATE_LIMIT": "0",
+        "FLYWHEEL_RETRAIN_MIN_EVAL_ROWS": "8",
+        "FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP": "0.05",
+        # The worker would retrain on its own at 100 new labels; this test drives `retrain now` itself.
+        "FLYWHEEL_RETRAIN_MIN_NEW_LABELS": "100000",
+    }
+    log = (tmp_path / "up.log").open("wb")
+    process = subprocess.Popen(
+        [FLYWHEEL, "up", "--port", str(port), "--broker-port", str(free_port()), "--data", str(synthetic_csv)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while b"Flywheel is up" not in (tmp_path / "up.log").read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        yield url, env, home
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+
+
+def components(home: Path) -> dict[str, int]:
+    return dict(json.loads((home / "run" / "up.json").read_text())["components"])
+
+
+def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict[str, str], Path]) -> None:
+    url, env, home = stack
+    pids = components(home)
+    assert set(pids) == {"broker", "service", "ingest", "worker"}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        first = http.get("/model").json()["version"]
+
+        # A crashed component comes back and the loop keeps working through it.
+        os.killpg(pids["ingest"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while components(home)["ingest"] == pids["ingest"]:
+            assert time.monotonic() < deadline, "ingest was not restarted"
+            time.sleep(0.5)
+
+        corrections = product_reviews(160, seed=1)
+        predictions = http.post("/predict", json={"texts": corrections["text"].tolist()}).json()["predictions"]
+        for prediction, truth in zip(predictions, corrections["label"], strict=True):
+            body = {"prediction_id": prediction["prediction_id"], "label": truth, "source": "annotation"}
+            assert http.post("/feedback", json=body).status_code == 202
+        deadline = time.monotonic() + 90
+        while True:
+            export = subprocess.run(
+                [FLYWHEEL, "feedback", "export"], env=env, capture_output=True, text=True, check=True
+            ).stdout
+            if export.count(",accepted") >= 160:
+                break
+            assert time.monotonic() < deadline, export[-1000:]
+            time.sleep(1)
+        retrain = subprocess.run(
+            [FLYWHEEL, "retrain", "now"], env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert ": promoted" in retrain.stdout, retrain.stdout + retrain.stderr
+        deadline = time.monotonic() + 30
+        while http.get("/model").json()["version"] == first:
+            assert time.monotonic() < deadline, "the new champion was not served"
+            time.sleep(0.5)
+
+    up_pid = json.loads((home / "run" / "up.json").read_text())["supervisor"]
+    everything = components(home)
+    groups = {name: group_members(pid) for name, pid in everything.items()}
+    assert all(groups.values()), groups
+    os.kill(up_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while alive(up_pid):
+        assert time.monotonic() < deadline, "flywheel up did not stop"
+        time.sleep(0.5)
+    left = {name: [p for p in members if alive(p)] for name, members in groups.items()}
+    assert not any(left.values()), f"processes left behind: {left}"
