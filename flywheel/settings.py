@@ -42,9 +42,9 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of cleaned data frozen as the golden holdout on first training."
     )
-    epochs: int = Field(3, ge=1, description="Maximum training epochs.")
+    epochs: int = Field(2, ge=1, description="Maximum training epochs.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear learning-rate warm-up.")
     patience: int = Field(1, ge=0, description="Epochs without validation macro-F1 gain before early stopping.")
@@ -160,7 +160,7 @@ class Settings(BaseSettings):
         20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
     )
     retrain_eval_fraction: float = Field(
-        0.3, gt=0, lt=1, description="Share of fresh feedback held out from training to compare challenger and champion."
+        0.3, gt=0, lt=1, description="Share of fresh feedback held out from training to compare the two models."
     )
     retrain_min_eval_rows: int = Field(
         10, ge=1, description="Fewest held-out feedback rows a gate decision needs; with fewer the run is skipped."
@@ -242,6 +242,9 @@ class Settings(BaseSettings):
     )
     drift_min_feedback_rows: int = Field(
         50, ge=1, description="Accepted feedback labels in the window needed before feedback-label drift is tested."
+    )
+    drift_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port for `flywheel drift watch`'s Prometheus metrics; unset = no endpoint."
     )
     drift_targeted_labels: int = Field(
         50, ge=0, description="On drift, this many of the window's requests least like the reference go to the "
