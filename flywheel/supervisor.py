@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from flywheel.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -34,12 +36,32 @@ class Component:
     restart_at: float | None = None
     backoff: float = 1.0
     log_threads: list[threading.Thread] = field(default_factory=list)
+    #: Every process the component has spawned, last seen; some (BentoML workers) leave its process group.
+    descendants: set[int] = field(default_factory=set)
+
+    def track(self) -> None:
+        """Remember the component's live descendants, so they can be reaped even after it dies."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(psutil.Error):
+            self.descendants |= {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
+
+    def reap(self) -> None:
+        """SIGKILL whatever is left of the component: its process group and every descendant seen."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in self.descendants:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        self.descendants.clear()
 
 
 class Supervisor:
     """Starts components in order, restarts the ones that die (exponential backoff), stops them all on request.
 
-    Every component runs in its own process group, so stopping it also stops what it spawned (BentoML workers).
+    Every component runs in its own process group, and its descendants are tracked too, so stopping it also stops
+    what it spawned (BentoML workers start their own sessions).
     """
 
     def __init__(
@@ -106,11 +128,14 @@ class Supervisor:
             now = time.monotonic()
             for component in self.components:
                 process = component.process
+                component.track()
                 if process is None or process.poll() is None:
                     if process is not None and now - component.started_at > self.stable_after:
                         component.backoff = 1.0
                     continue
                 if component.restart_at is None:
+                    # Orphans of a crashed component (a server's workers) would hold its port: clear them first.
+                    component.reap()
                     component.restart_at = now + component.backoff
                     self.say(
                         "up",
@@ -127,6 +152,7 @@ class Supervisor:
         """SIGTERM every component (last started first), wait, then SIGKILL whatever is left of their groups."""
         self.stopping.set()
         for component in reversed(self.components):
+            component.track()
             if component.process is not None and component.process.poll() is None:
                 self.say("up", f"stopping {component.name}")
                 with contextlib.suppress(ProcessLookupError):
@@ -137,9 +163,7 @@ class Supervisor:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
                 component.process.wait(max(deadline - time.monotonic(), 0.1))
-            # The group may outlive its leader (BentoML workers): kill it whole either way.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(component.process.pid, signal.SIGKILL)
+            component.reap()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 component.process.wait(5)
             for thread in component.log_threads:
