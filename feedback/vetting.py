@@ -10,21 +10,28 @@ A source whose labels contradict a confident model far more often than other sou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any, Protocol
 
 import numpy as np
 from cleanlab.rank import get_label_quality_scores
-from sqlalchemy import func, update
+from sqlalchemy import bindparam, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from feedback.database import UTCDateTime
 from feedback.models import Feedback, FeedbackSource, FeedbackStatus, Prediction
 from flywheel.events import utcnow
 from flywheel.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: Columns of ``feedback_source`` read back after each counter update.
+SOURCE_COLUMNS = tuple(
+    getattr(FeedbackSource, name)
+    for name in ("source", "trusted", "quarantined", "quarantine_reason", "scored", "label_issues")
+)
 #: Statuses whose labels count when looking for contradicting labels of the same text.
 LIVE_STATUSES = (FeedbackStatus.PENDING, FeedbackStatus.ACCEPTED, FeedbackStatus.USED)
 
@@ -39,6 +46,28 @@ class LabelScore:
     label_issue: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """A source's trust, quarantine and counters as read back after its counters changed."""
+
+    source: str
+    trusted: bool
+    quarantined: bool
+    quarantine_reason: str | None
+    scored: int
+    label_issues: int
+
+
+class HasTrust(Protocol):
+    """Anything naming a source and whether an operator trusts it."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def trusted(self) -> bool: ...
+
+
 def insert_for(session: Session) -> type[sqlite.Insert] | type[postgresql.Insert]:
     """The dialect's INSERT construct, which supports ON CONFLICT on both databases."""
     return postgresql.Insert if session.get_bind().dialect.name == "postgresql" else sqlite.Insert
@@ -50,6 +79,16 @@ class Vetter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.trusted_sources = frozenset(settings.feedback_trusted_sources)
+        # Statements are built once per dialect: constructing them costs more than running them.
+        self._upserts: dict[str, Any] = {}
+        self._conflicts = (
+            select(Feedback)
+            .where(
+                col(Feedback.text_key) == bindparam("key"),
+                col(Feedback.feedback_id) != bindparam("feedback_id"),
+                col(Feedback.status).in_(LIVE_STATUSES),
+            )
+        )
 
     def score(self, label: str, scores: dict[str, float]) -> LabelScore:
         """cleanlab label-quality of ``label`` under ``scores``; a label the model does not know scores 0."""
@@ -68,13 +107,18 @@ class Vetter:
             label_issue=quality < self.settings.feedback_label_issue_threshold,
         )
 
-    def is_trusted(self, source: FeedbackSource) -> bool:
+    def is_trusted(self, source: HasTrust) -> bool:
         """Whether a source's labels skip the evidence checks."""
         return source.trusted or source.source in self.trusted_sources
 
     def vet(self, session: Session, row: Feedback, now: datetime | None = None) -> None:
         """Attach evidence to ``row``, score it, and set its status, flags and its source's counters."""
         now = now or utcnow()
+        # A new row is inserted once, with its final status, when the transaction flushes.
+        with session.no_autoflush:
+            self._vet(session, row, now)
+
+    def _vet(self, session: Session, row: Feedback, now: datetime) -> None:
         row.updated_at = now
         had_score, had_issue = row.label_quality is not None, row.label_issue
         if row.prediction_id is not None and row.text is None:
@@ -113,7 +157,7 @@ class Vetter:
         )
         trusted = self.is_trusted(source)
         if row.label_issue and not trusted and not source.quarantined:
-            self._maybe_quarantine(session, source, now)
+            source = self._maybe_quarantine(session, source, now)
         conflicting = self._mark_conflicts(session, row, now)
 
         if source.quarantined and not trusted:
@@ -137,34 +181,39 @@ class Vetter:
 
     def _source(
         self, session: Session, name: str, scored_delta: int, issue_delta: int, now: datetime
-    ) -> FeedbackSource:
-        insert = insert_for(session)
-        session.execute(
-            insert(FeedbackSource)
-            .values(source=name, trusted=False, quarantined=False, scored=0, label_issues=0, created_at=now,
-                    updated_at=now)
-            .on_conflict_do_nothing(index_elements=["source"])
-        )
-        if scored_delta or issue_delta:
-            # Relative update: concurrent writers of one source add up instead of overwriting each other.
-            session.execute(
-                update(FeedbackSource)
-                .where(col(FeedbackSource.source) == name)
-                .values(
-                    scored=FeedbackSource.scored + scored_delta,
-                    label_issues=FeedbackSource.label_issues + issue_delta,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
+    ) -> SourceState:
+        """Create the source on first sight and add to its counters in one statement; returns its current state."""
+        dialect = session.get_bind().dialect.name
+        upsert = self._upserts.get(dialect)
+        if upsert is None:
+            insert = insert_for(session)(FeedbackSource).values(
+                source=bindparam("name"),
+                trusted=False,
+                quarantined=False,
+                scored=bindparam("scored"),
+                label_issues=bindparam("issues"),
+                created_at=bindparam("now", type_=UTCDateTime()),
+                updated_at=bindparam("now", type_=UTCDateTime()),
             )
-        source = session.get(FeedbackSource, name, populate_existing=True)
-        assert source is not None
-        return source
+            # Relative update: concurrent writers of one source add up instead of overwriting each other.
+            upsert = self._upserts[dialect] = insert.on_conflict_do_update(
+                index_elements=["source"],
+                set_={
+                    "scored": FeedbackSource.scored + insert.excluded.scored,
+                    "label_issues": FeedbackSource.label_issues + insert.excluded.label_issues,
+                    "updated_at": insert.excluded.updated_at,
+                },
+            ).returning(*SOURCE_COLUMNS)
+        state = session.connection().execute(
+            upsert, {"name": name, "scored": scored_delta, "issues": issue_delta, "now": now}
+        ).one()
+        return SourceState(*state)
 
-    def _maybe_quarantine(self, session: Session, source: FeedbackSource, now: datetime) -> None:
+    def _maybe_quarantine(self, session: Session, source: SourceState, now: datetime) -> SourceState:
+        """Quarantine the source if its label errors stand out; returns its state afterwards."""
         settings = self.settings
         if source.scored < settings.feedback_quarantine_min_scored:
-            return
+            return source
         rate = source.label_issues / source.scored
         others_scored, others_issues = session.exec(
             select(
@@ -174,27 +223,20 @@ class Vetter:
         ).one()
         others_rate = others_issues / others_scored if others_scored else 0.0
         if rate < settings.feedback_quarantine_rate or rate < settings.feedback_quarantine_ratio * others_rate:
-            return
+            return source
         reason = (
             f"{source.label_issues} of {source.scored} labels ({rate:.0%}) contradict a confident model, "
             f"other sources {others_rate:.0%}"
         )
-        quarantine(session, source, reason, now)
+        quarantine(session, source.source, reason, now)
         logger.warning("quarantined feedback source %r: %s", source.source, reason)
+        return replace(source, quarantined=True, quarantine_reason=reason)
 
     def _mark_conflicts(self, session: Session, row: Feedback, now: datetime) -> str:
         """Flag every live label of the same text when they disagree; returns the other labels, or ''."""
         if row.text_key is None:
             return ""
-        others = list(
-            session.exec(
-                select(Feedback).where(
-                    col(Feedback.text_key) == row.text_key,
-                    col(Feedback.feedback_id) != row.feedback_id,
-                    col(Feedback.status).in_(LIVE_STATUSES),
-                )
-            )
-        )
+        others = list(session.exec(self._conflicts, params={"key": row.text_key, "feedback_id": row.feedback_id}))
         disagreeing = [other for other in others if other.label != row.label]
         row.conflict = bool(disagreeing)
         if not disagreeing:
@@ -219,14 +261,17 @@ class Vetter:
         return ", ".join(sorted({f"{o.label!r} from {o.source!r}" for o in disagreeing}))
 
 
-def quarantine(session: Session, source: FeedbackSource, reason: str, now: datetime) -> int:
+def quarantine(session: Session, source: str, reason: str, now: datetime) -> int:
     """Quarantine a source and send its accepted, not yet used labels back to review; returns how many."""
-    source.quarantined, source.quarantine_reason, source.quarantined_at = True, reason[:500], now
-    source.updated_at = now
-    session.add(source)
+    session.execute(
+        update(FeedbackSource)
+        .where(col(FeedbackSource.source) == source)
+        .values(quarantined=True, quarantine_reason=reason[:500], quarantined_at=now, updated_at=now)
+        .execution_options(synchronize_session="fetch")
+    )
     result = session.execute(
         update(Feedback)
-        .where(col(Feedback.source) == source.source, col(Feedback.status) == FeedbackStatus.ACCEPTED)
+        .where(col(Feedback.source) == source, col(Feedback.status) == FeedbackStatus.ACCEPTED)
         .values(status=FeedbackStatus.PENDING, status_reason=f"source quarantined: {reason}"[:500], updated_at=now)
         .execution_options(synchronize_session="fetch")
     )

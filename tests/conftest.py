@@ -93,15 +93,15 @@ def synthetic_frame() -> pd.DataFrame:
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """URL of a fresh, empty Flywheel database: a SQLite file, or a uniquely named PostgreSQL database.
+@contextmanager
+def scratch_database_url(kind: str, directory: Path) -> Iterator[str]:
+    """URL of a fresh, empty database: a SQLite file in ``directory``, or a uniquely named PostgreSQL database.
 
-    The PostgreSQL database is created on 127.0.0.1:5432 and dropped (connections and all) afterwards. Tables
-    appear once something runs ``feedback.database.Database(url).start()`` (which applies the migrations).
+    The PostgreSQL database is created on 127.0.0.1:5432 and dropped (connections and all) on exit. Tables appear
+    once something runs ``feedback.database.Database(url).start()``, which applies the migrations.
     """
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'flywheel.db'}"
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'flywheel.db'}"
         return
     import uuid
 
@@ -118,6 +118,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty Flywheel database on SQLite, then on PostgreSQL (see ``scratch_database_url``)."""
+    with scratch_database_url(request.param, tmp_path) as url:
+        yield url
 
 
 def free_port() -> int:

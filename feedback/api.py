@@ -1,0 +1,188 @@
+"""Feedback routes mounted on the service: ``POST /feedback``, ``GET /feedback/{id}``, ``GET /review``.
+
+The database is opened (and migrated) in a background thread, so predictions are served even while it is
+down; these routes answer 503 until it is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.concurrency import run_in_threadpool
+
+from feedback.database import BackgroundDatabase, DatabaseError
+from feedback.models import FeedbackCreate, FeedbackPublic
+from feedback.ratelimit import RateLimiter
+from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
+from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
+from flywheel.publisher import EventPublisher
+from flywheel.registry import ModelVersion
+from flywheel.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = (
+    '{"prediction_id": "<id from /predict>", "label": "positive", "source": "web"} '
+    'or {"text": "a new text", "label": "negative", "source": "annotation"}'
+)
+#: Bytes a JSON body may take per character of text (\\uXXXX escapes), plus room for the other fields.
+_BYTES_PER_CHAR = 6
+_BODY_OVERHEAD = 4096
+
+
+class _Backend:
+    """The store and review queue, built once the database is open."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = BackgroundDatabase(settings, pool_size=16).start()
+        self._parts: tuple[FeedbackStore, ReviewQueue] | None = None
+
+    def ready(self) -> tuple[FeedbackStore, ReviewQueue]:
+        if self._parts is None:
+            try:
+                database = self.database.get()
+            except DatabaseError as exc:
+                raise HTTPException(503, f"feedback store is not available yet: {exc}") from exc
+            self._parts = (FeedbackStore(database, self.settings), ReviewQueue(database, self.settings))
+        return self._parts
+
+
+def _problems(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ())) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
+    """A ``POST /feedback`` body, or HTTPException saying what is wrong with it."""
+    if not body.strip():
+        raise HTTPException(400, f"request body is empty; send JSON like {EXAMPLE}")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"request body is not UTF-8 text: {exc.reason}") from exc
+    except json.JSONDecodeError as exc:
+        raise HTTPException(400, f"request body is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    if not isinstance(data, dict):
+        raise HTTPException(422, f"request body must be a JSON object like {EXAMPLE}")
+    try:
+        create = FeedbackCreate.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPException(422, _problems(exc)) from exc
+    if create.comment is not None and len(create.comment) > settings.feedback_max_comment_chars:
+        raise HTTPException(
+            422, f"comment is {len(create.comment)} characters; at most {settings.feedback_max_comment_chars} allowed"
+        )
+    if create.text is not None and len(create.text) > settings.max_text_chars:
+        raise HTTPException(422, f"text is {len(create.text)} characters; at most {settings.max_text_chars} allowed")
+    return create
+
+
+def create_router(
+    settings: Settings, publisher: EventPublisher, serving: Callable[[], ModelVersion | None]
+) -> APIRouter:
+    """The feedback routes for one service worker (see ``service.service`` for the contract)."""
+    backend = _Backend(settings)
+    limiter = RateLimiter(settings.feedback_rate_limit)
+    body_limit = (settings.max_text_chars + settings.feedback_max_comment_chars) * _BYTES_PER_CHAR + _BODY_OVERHEAD
+    router = APIRouter(tags=["feedback"])
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"description": text, "content": {"application/json": {"example": {"detail": "..."}}}}
+        for status, text in (
+            (400, "Body is not JSON."),
+            (404, "No feedback with this id."),
+            (413, "Body too large."),
+            (422, "Invalid body, or a label the serving model does not know."),
+            (429, "Too much feedback from this source; see Retry-After."),
+            (503, "No model loaded yet, or the feedback store is unreachable."),
+        )
+    }
+
+    @router.post(
+        "/feedback",
+        status_code=202,
+        response_model=FeedbackPublic,
+        responses=errors,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackCreate.model_json_schema()}},
+            }
+        },
+    )
+    async def post_feedback(request: Request) -> JSONResponse:
+        """Correct a prediction (``prediction_id``) or label a new text (``text``); answers 202 with its id."""
+        body = await _read_body(request, body_limit)
+        create = parse_feedback_body(body, settings)
+        model = serving()
+        if model is None:
+            raise HTTPException(503, "no model is loaded yet, so its labels are unknown; retry shortly")
+        labels = model.card.labels
+        if create.label not in labels:
+            raise HTTPException(
+                422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
+            )
+        wait = limiter.acquire(create.source)
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"source {create.source!r} sent more than {settings.feedback_rate_limit} feedback per minute; "
+                f"retry in {wait:.0f}s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        store, _ = backend.ready()
+        try:
+            saved = await run_in_threadpool(store.submit, create)
+        except (OperationalError, InterfaceError) as exc:
+            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
+        publisher.publish(feedback_event(saved))
+        return JSONResponse(saved.model_dump(mode="json"), status_code=202)
+
+    @router.get(
+        "/feedback/{feedback_id}", response_model=FeedbackPublic, responses={404: errors[404], 503: errors[503]}
+    )
+    async def get_feedback(feedback_id: str) -> FeedbackPublic:
+        """One piece of feedback with its current status, reason and vetting scores."""
+        store, _ = backend.ready()
+        try:
+            return await run_in_threadpool(store.get, feedback_id)
+        except FeedbackNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
+
+    @router.get("/review", response_model=list[ReviewItem], responses={503: errors[503]})
+    async def review(
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many predictions to return.")] = 20,
+    ) -> list[ReviewItem]:
+        """Unlabeled recent predictions most worth a label: least confident first, near-duplicates collapsed."""
+        _, queue = backend.ready()
+        try:
+            return await run_in_threadpool(queue.next, limit)
+        except (OperationalError, InterfaceError) as exc:
+            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
+
+    return router
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {declared} bytes is larger than any valid feedback ({limit} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body is larger than any valid feedback ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
