@@ -131,9 +131,14 @@ class ChampionWatcher:
         logger.info("now serving model %s (was %s)", loaded.version, previous.version if previous else "nothing")
         if self.on_swap is not None:
             self.on_swap(loaded, previous)
+        on_gpu = previous is not None and previous.classifier.device.type == "cuda"
         del previous
         # The old weights are freed once the batch still using them finishes; collect promptly.
         gc.collect()
+        if on_gpu:
+            import torch
+
+            torch.cuda.empty_cache()
 
     def start(self) -> ChampionWatcher:
         """Poll the pointer every ``reload_interval`` seconds in a daemon thread."""

@@ -62,47 +62,53 @@ class Traffic:
         for thread in self._threads:
             thread.join()
 
-    def first_answer_from(self, version: str, since: float) -> float | None:
-        """When the first request sent after ``since`` came back answered by ``version``."""
-        ends = [end for start, end, _, versions in self.records if start > since and versions == {version}]
-        return min(ends) if ends else None
 
 
-def _switch_time(traffic: Traffic, version: str, since: float, timeout: float = 60.0) -> float:
+def _all_workers_swapped(url: str, swaps: int, timeout: float = 60.0) -> float:
+    """Wait until the workers together report ``swaps`` model loads; returns when that was seen."""
     deadline = time.monotonic() + timeout
-    while (seen := traffic.first_answer_from(version, since)) is None:
-        assert time.monotonic() < deadline, f"service never answered with {version}"
-        time.sleep(0.05)
-    time.sleep(1.0)  # keep the traffic flowing on the new model for a while
-    return seen
+    while metric(url, "flywheel_model_swaps_total") < swaps:
+        assert time.monotonic() < deadline, f"workers did not reach {swaps} model swaps"
+        time.sleep(0.1)
+    return time.monotonic()
 
 
-def test_promotion_and_rollback_switch_models_without_failing_a_request(
+def test_every_worker_switches_on_promotion_and_rollback_without_failing_a_request(
     trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    env = {**copy_home(trained_home, tmp_path / "home"), **FAST_ENV, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}
+    env = {
+        **copy_home(trained_home, tmp_path / "home"),
+        **FAST_ENV,
+        "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "FLYWHEEL_SERVE_WORKERS": "2",
+    }
     registry = ModelRegistry(Settings(home=Path(env["FLYWHEEL_HOME"])))
     first = registry.champion()
     assert first is not None
     second = _second_version(registry)
 
-    with running_service(env) as url, Traffic(url) as traffic:
-        _switch_time(traffic, first, since=0.0)
-        promoted_at = time.monotonic()
-        registry.promote(second, reason="test")
-        switched = _switch_time(traffic, second, since=promoted_at)
-        assert httpx.get(f"{url}/model").json()["version"] == second
-        rollback_at = time.monotonic()
-        registry.rollback(reason="test")
-        switched_back = _switch_time(traffic, first, since=rollback_at)
-        assert metric(url, "flywheel_model_swaps_total") == 3
+    with running_service(env) as url:
+        _all_workers_swapped(url, 2)  # each worker loaded the champion once
+        with Traffic(url) as traffic:
+            time.sleep(1.0)
+            promoted_at = time.monotonic()
+            registry.promote(second, reason="test")
+            switched = _all_workers_swapped(url, 4)
+            time.sleep(1.5)
+            assert httpx.get(f"{url}/model").json()["version"] == second
+            rollback_at = time.monotonic()
+            registry.rollback(reason="test")
+            switched_back = _all_workers_swapped(url, 6)
+            time.sleep(1.5)
         assert metric(url, "flywheel_served_model", version=first) == 1
         assert metric(url, "flywheel_served_model", version=second) == 0
 
-    assert {status for _, _, status, _ in traffic.records} == {200}, "every request during the swaps succeeded"
-    assert all(len(versions) == 1 for *_, versions in traffic.records), "each request is answered by one model"
-    # Once a response came from the new model, every request sent afterwards reports it.
-    on_second = [v for start, _, _, v in traffic.records if switched < start < rollback_at]
-    on_first_again = [v for start, _, _, v in traffic.records if start > switched_back]
+    records = traffic.records
+    assert {status for _, _, status, _ in records} == {200}, "every request during the swaps succeeded"
+    assert all(len(versions) == 1 for *_, versions in records), "each request is answered by one model"
+    assert all(v == {first} for start, _, _, v in records if start < promoted_at)
+    # Once every worker has swapped, every request sent afterwards reports the new model.
+    on_second = [v for start, _, _, v in records if switched < start < rollback_at]
+    on_first_again = [v for start, _, _, v in records if start > switched_back]
     assert on_second and all(v == {second} for v in on_second)
     assert on_first_again and all(v == {first} for v in on_first_again)

@@ -1,0 +1,273 @@
+"""Serving throughput and latency of `bentoml serve` against the raw model's own batched throughput.
+
+Starts the embedded broker and the service on the real default model (the champion of ``--home``, or a
+MiniLM fine-tuned briefly on ``--data`` in a temporary home), drives ``POST /predict`` with one text per
+request at each concurrency, then repeats the load with Kafka logging turned off. The baseline, measured in
+the same run, is the raw classifier (tokenize + forward) at its best batch size.
+
+    python benchmarks/serve_bench.py --data ../shared/data/rotten_tomatoes.csv
+    python benchmarks/serve_bench.py --quick          # smoke run: few requests, tiny training
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from flywheel.broker import EmbeddedBroker
+from flywheel.classifier import Classifier
+from flywheel.logs import configure_logging
+from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LoadResult:
+    """One load level against the service."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_model(args: argparse.Namespace, home: Path) -> ModelVersion:
+    """The champion of ``home``; trains one from the data first when there is none."""
+    settings = Settings(home=home, torch_threads=args.threads)
+    registry = ModelRegistry(settings)
+    if registry.champion() is None:
+        from retrain.data import load_dataset
+        from retrain.pipeline import TrainingPipeline
+        from retrain.trainer import Trainer
+
+        raw = load_dataset(args.data).sample(n=args.train_rows, random_state=0)
+        print(f"no champion in {home}: fine-tuning {settings.base_model} on {len(raw)} rows for 1 epoch")
+        quick = settings.model_copy(update={"epochs": 1})
+        TrainingPipeline(quick, registry, Trainer(quick, progress=False)).run(raw)
+    return registry.champion_version()
+
+
+def load_classifier(entry: ModelVersion, threads: int) -> Classifier:
+    """The champion as the service loads it, on ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+    classifier.predict_proba(["warm up"] * 64, batch_size=64)
+    return classifier
+
+
+def raw_rate(classifier: Classifier, texts: list[str], batch_size: int) -> float:
+    """Texts/s of the bare classifier: tokenize + forward in batches of ``batch_size``."""
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        classifier.predict_proba(texts[start : start + batch_size], batch_size=batch_size)
+    return len(texts) / (time.perf_counter() - started)
+
+
+@contextmanager
+def service(home: Path, bootstrap: str, threads: int, log_predictions: bool) -> Iterator[tuple[str, int]]:
+    """`bentoml serve` as in production (one worker), until the block ends."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": bootstrap,
+        "FLYWHEEL_TORCH_THREADS": str(threads),
+        "FLYWHEEL_LOG_PREDICTIONS": str(log_predictions).lower(),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    log = open(home / f"serve-{port}.log", "wb")  # noqa: SIM115 (closed in finally)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.service:TextClassifier",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"service did not start; see {log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield "127.0.0.1", port
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+async def drive(host: str, port: int, texts: list[str], concurrency: int, requests: int) -> LoadResult:
+    """Closed-loop load: ``concurrency`` keep-alive connections, one text per request."""
+    bodies = [json.dumps({"text": text}).encode() for text in texts]
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+
+    async def client() -> None:
+        nonlocal issued, errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while issued < requests:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                head = (
+                    f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                started = time.perf_counter()
+                writer.write(head + body)
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - started)
+                if b" 200 " not in status:
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return LoadResult(concurrency, requests, errors, time.perf_counter() - started, latencies)
+
+
+def level(host: str, port: int, texts: list[str], concurrency: int, requests: int) -> LoadResult:
+    """One closed-loop run at ``concurrency``."""
+    return asyncio.run(drive(host, port, texts, concurrency, requests))
+
+
+def describe(name: str, result: LoadResult) -> str:
+    return (
+        f"{name:<22} c={result.concurrency:<3} {result.rate:7.1f} texts/s  p50 {result.percentile(50):7.1f} ms  "
+        f"p99 {result.percentile(99):7.1f} ms  errors {result.errors}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "rotten_tomatoes.csv")
+    parser.add_argument("--home", type=Path, default=None, help="Flywheel home whose champion to serve.")
+    parser.add_argument("--requests", type=int, default=1500, help="Requests per run at the top concurrency.")
+    parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated concurrency levels.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds at the top concurrency.")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="Torch CPU threads.")
+    parser.add_argument("--train-rows", type=int, default=800, help="Rows to fine-tune on when there is no model.")
+    parser.add_argument("--quick", action="store_true", help="Smoke run: few requests, one round, tiny training.")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds, args.train_rows = 200, 1, 200
+    configure_logging("WARNING")
+    levels = [int(level) for level in args.concurrency.split(",")]
+    top = levels[-1]
+
+    import pandas as pd
+
+    texts = pd.read_csv(args.data)["text"].astype(str).sample(frac=1.0, random_state=1).tolist()
+    with tempfile.TemporaryDirectory() as scratch:
+        home = (args.home or Path(scratch) / "home").resolve()
+        entry = prepare_model(args, home)
+        print(
+            f"model {entry.version} ({entry.card.base_model}, max_length {entry.card.max_length}); "
+            f"{args.threads} torch threads; {len(os.sched_getaffinity(0))} CPUs; load avg {os.getloadavg()[0]:.1f}"
+        )
+        classifier = load_classifier(entry, args.threads)
+        sample = texts[: max(256, min(len(texts), args.requests))]
+        sizes = {size: raw_rate(classifier, sample, size) for size in (8, 16, 32, 64, 128)}
+        best = max(sizes, key=lambda size: sizes[size])
+        print("raw model, tokenize + forward: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in sizes.items()))
+
+        with (
+            EmbeddedBroker(port=free_port()) as broker,
+            service(home, broker.bootstrap, args.threads, log_predictions=True) as logged,
+            service(home, broker.bootstrap, args.threads, log_predictions=False) as unlogged,
+        ):
+            for address in (logged, unlogged):
+                level(*address, texts, top, top * 8)  # warm up
+            for concurrency in levels[:-1]:
+                count = max(50, args.requests // (8 if concurrency == 1 else 2))
+                print(describe("service, logging on", level(*logged, texts, concurrency, count)))
+                print(describe("service, logging off", level(*unlogged, texts, concurrency, count)))
+            # The 2 CPUs may be shared: alternate the three measurements and compare within each round.
+            raws, ons, offs = [], [], []
+            for _ in range(args.rounds):
+                raws.append(raw_rate(classifier, sample, best))
+                ons.append(level(*logged, texts, top, args.requests))
+                offs.append(level(*unlogged, texts, top, args.requests))
+                print(f"round: raw {raws[-1]:.1f}/s | " + describe("logging on", ons[-1]).strip())
+                print(f"       raw {raws[-1]:.1f}/s | " + describe("logging off", offs[-1]).strip())
+
+    ratio = float(np.median([on.rate / raw for on, raw in zip(ons, raws, strict=True)]))
+    cost = float(np.median([1 - on.rate / off.rate for on, off in zip(ons, offs, strict=True)]))
+    print()
+    print(f"raw model best: {np.median(raws):.1f} texts/s at batch {best} (median of {args.rounds} rounds)")
+    print(
+        f"service at concurrency {top}: {np.median([r.rate for r in ons]):.1f} texts/s with Kafka logging, "
+        f"{np.median([r.rate for r in offs]):.1f} without; p50 {np.median([r.percentile(50) for r in ons]):.1f} ms, "
+        f"p99 {np.median([r.percentile(99) for r in ons]):.1f} ms"
+    )
+    print(f"service / raw model: {ratio:.3f} (target >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'})")
+    print(f"cost of Kafka logging: {cost * 100:.1f}% (target <= 5%: {'met' if cost <= 0.05 else 'NOT met'})")
+    errors = sum(r.errors for r in ons + offs)
+    if errors:
+        print(f"{errors} requests failed")
+
+
+if __name__ == "__main__":
+    main()
