@@ -5,37 +5,31 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
+from feedback.database import Database
 from flywheel.classifier import Classifier
+from flywheel.events import DriftAlertEvent
+from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from monitoring.descriptors import VocabularyShare
 from monitoring.drift import DriftAnalyzer
-from monitoring.performance import PerformanceEstimator
-from monitoring.reference import ReferenceCache
-from monitoring.reports import DriftSummary, standalone_page, with_summary
+from monitoring.errors import MonitoringError
+from monitoring.metrics import drift_metrics
+from monitoring.performance import Calibration, PerformanceEstimator
+from monitoring.reference import ReferenceCache, ReferenceSet
+from monitoring.reports import DriftSummary, ReportArchive, standalone_page, with_summary
+from monitoring.store import DriftStore, report_row
 from monitoring.targeting import unlike_reference
+from monitoring.window import CurrentWindow, WindowReader
 
 logger = logging.getLogger(__name__)
 
-#: Columns of a current-window frame; ``feedback_label`` holds accepted feedback or null.
-WINDOW_COLUMNS = ["prediction_id", "text", "predicted", "confidence", "model_version", "created_at", "feedback_label"]
 #: Reference texts the targeting classifier learns from (a sample keeps it fast on large references).
 TARGETING_REFERENCE_ROWS = 5000
-
-
-@dataclass
-class CurrentWindow:
-    """Recent predictions to compare with the reference, and how they were chosen."""
-
-    frame: pd.DataFrame
-    rule: str
-    start: datetime | None = None
-    end: datetime | None = None
 
 
 @dataclass
@@ -50,9 +44,18 @@ class DriftOutcome:
 class DriftMonitor:
     """Analyses a window with the serving model; keeps the loaded model between scheduled runs."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        database: Database | None = None,
+        publisher: EventPublisher | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
+        self.database = database
+        self.publisher = publisher
+        self.archive = ReportArchive(settings.home)
         self.references = ReferenceCache(settings)
         self.estimator = PerformanceEstimator(settings)
         self.analyzer = DriftAnalyzer(settings)
@@ -67,6 +70,12 @@ class DriftMonitor:
                 torch.set_num_threads(self.settings.torch_threads)
             self._classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
         return self._classifier
+
+    def prepare(self, entry: ModelVersion) -> tuple[Classifier, ReferenceSet, Calibration | None]:
+        """Load the model, its cached reference and its calibration, building what is missing."""
+        classifier = self.classifier(entry)
+        reference = self.references.load(entry, classifier)
+        return classifier, reference, self.estimator.calibration(entry.version, classifier)
 
     def evaluate(self, window: CurrentWindow, entry: ModelVersion | None = None) -> DriftOutcome:
         """Analyse ``window`` against the reference of ``entry`` (default: the champion)."""
@@ -96,10 +105,8 @@ class DriftMonitor:
             logger.info("drift run %s: %s", summary.report_id, summary.message)
             return DriftOutcome(summary=summary, html=standalone_page(summary))
 
-        classifier = self.classifier(entry)
         t0 = time.perf_counter()
-        reference = self.references.load(entry, classifier)
-        calibration = self.estimator.calibration(entry.version, classifier)
+        classifier, reference, calibration = self.prepare(entry)
         t1 = time.perf_counter()
         embeddings = classifier.embed(frame["text"].astype(str).tolist()).astype(np.float32)
         t2 = time.perf_counter()
@@ -129,6 +136,7 @@ class DriftMonitor:
             targets = unlike_reference(
                 texts.astype(str).tolist(), frame[["prediction_id", "text"]], s.drift_targeted_labels, s.seed
             )
+            summary.targeted = targets["prediction_id"].astype(str).tolist()
         t4 = time.perf_counter()
         summary.timings = {
             "reference_seconds": round(t1 - t0, 3),
@@ -139,3 +147,48 @@ class DriftMonitor:
         summary.duration_seconds = round(time.perf_counter() - started, 3)
         html = with_summary(analysis.snapshot.get_html_str(as_iframe=False), summary)
         return DriftOutcome(summary=summary, html=html, targets=targets)
+
+    def run(self, window: CurrentWindow | None = None) -> DriftSummary:
+        """One full run: read the window, analyse, store files and row, rank targets, alert, update gauges."""
+        s = self.settings
+        if window is None:
+            if self.database is None:
+                raise MonitoringError("no database to read the current window from")
+            window = WindowReader(self.database).load(s.drift_window_hours, s.drift_window_max_rows)
+        outcome = self.evaluate(window)
+        summary = outcome.summary
+        alert: DriftAlertEvent | None = None
+        if summary.verdict == "drifted":
+            alert = DriftAlertEvent(
+                report_id=summary.report_id,
+                model_version=summary.model_version,
+                drift_score=summary.drift_score or 0.0,
+                signals={
+                    sig.name: {"method": sig.method, "score": sig.score, "threshold": sig.threshold}
+                    for sig in summary.signals
+                    if sig.drifted
+                },
+                current_rows=summary.current_rows,
+                reference_rows=summary.reference_rows,
+            )
+            if self.publisher is not None:
+                summary.alert_event_id = alert.event_id
+        # Files first, then the row that lists them, then the alert that points at both.
+        self.archive.save(summary, outcome.html)
+        if self.database is not None:
+            DriftStore(self.database).add(summary, outcome.targets)
+        if alert is not None:
+            logger.warning(
+                "drift detected by report %s on model %s: %s", summary.report_id, summary.model_version, summary.message
+            )
+            if self.publisher is not None:
+                self.publisher.publish(alert)
+        drift_metrics().observe(report_row(summary))
+        logger.info(
+            "drift report %s: %s in %.1fs (%s)",
+            summary.report_id,
+            summary.verdict,
+            summary.duration_seconds,
+            self.archive.path(summary.report_id),
+        )
+        return summary

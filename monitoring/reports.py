@@ -142,6 +142,12 @@ def summary_block(summary: DriftSummary) -> str:
             else ""
         )
         + perf_html
+        + (
+            f"<p>{len(summary.targeted)} requests most unlike the reference were moved to the front of the "
+            "review queue (<code>GET /drift/targets</code>).</p>"
+            if summary.targeted
+            else ""
+        )
         + "</section>"
     )
 

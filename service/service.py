@@ -142,10 +142,12 @@ class TextClassifier:
     def _include_routers(self) -> None:
         """Routes of other packages (see the module docstring for the contract)."""
         from feedback.api import create_router as feedback_routes
+        from monitoring.api import create_router as drift_routes
         from retrain.api import create_router as retrain_routes
 
         app.include_router(feedback_routes(self.settings, self.publisher, self.serving))
         app.include_router(retrain_routes(self.settings, self.publisher, self.serving))
+        app.include_router(drift_routes(self.settings, self.publisher, self.serving))
 
     def serving(self) -> ModelVersion | None:
         """Registry entry of the model this worker serves now."""

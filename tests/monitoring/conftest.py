@@ -10,7 +10,8 @@ import pytest
 
 from flywheel.events import new_id, utcnow
 from flywheel.settings import Settings
-from monitoring.monitor import CurrentWindow, DriftMonitor
+from monitoring.monitor import DriftMonitor
+from monitoring.window import CurrentWindow
 from tests.conftest import copy_home
 from tests.support import synthetic_sentiment
 

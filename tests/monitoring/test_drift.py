@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 import pytest
 
-from monitoring.monitor import CurrentWindow, DriftMonitor
+from monitoring.monitor import DriftMonitor
+from monitoring.window import CurrentWindow
 from tests.monitoring.conftest import FINANCE_WORDS, GERMAN_WORDS, same_texts, word_sentences
 
 WindowFactory = Callable[..., CurrentWindow]
