@@ -33,8 +33,8 @@ from flywheel.events import new_id, utcnow
 from flywheel.logs import configure_logging
 from flywheel.registry import ModelCard, ModelRegistry, ModelVersion
 from flywheel.settings import DEFAULT_BASE_MODEL, Settings
-from monitoring.monitor import DriftMonitor
-from monitoring.window import CurrentWindow, DriftOutcome
+from monitoring.monitor import DriftMonitor, DriftOutcome
+from monitoring.window import CurrentWindow
 from retrain.holdout import GoldenHoldout
 from retrain.trainer import resolve_base_model
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +19,7 @@ from evidently.legacy.tests.base_test import TestStatus
 from evidently.metrics import EmbeddingsDrift, ValueDrift
 from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod, RatioDriftMethod
 from pydantic import BaseModel
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from flywheel.settings import Settings
 from monitoring.descriptors import NAMES as DESCRIPTOR_NAMES
@@ -227,9 +229,7 @@ class DriftAnalyzer:
                 metadata={"model_version": reference.version},
                 tags=["flywheel", "drift"],
             )
-            # t-SNE's OpenMP threads spin-wait and slow down several-fold when the cores are shared (the
-            # service runs beside this); one thread is about as fast on an idle machine at this size.
-            with threadpool_limits(limits=1, user_api="openmp"):
+            with _single_threaded_sklearn():
                 snapshot = report.run(cur_dataset, ref_dataset)
         except (ValueError, KeyError, TypeError) as exc:
             raise MonitoringError(f"Evidently could not build the drift report: {exc}") from exc
@@ -265,3 +265,18 @@ class DriftAnalyzer:
 
 def _with_embeddings(frame: pd.DataFrame, embeddings: np.ndarray, columns: list[str]) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame(embeddings, columns=columns, index=frame.index)], axis=1)
+
+
+@contextmanager
+def _single_threaded_sklearn() -> Iterator[None]:
+    # t-SNE's OpenMP threads spin-wait and slow down several-fold when the cores are shared (the service or
+    # other jobs run beside this); one thread is about as fast on an idle machine at this size. Only
+    # scikit-learn's OpenMP runtime is limited, so torch inference in the same process keeps its threads.
+    controller = ThreadpoolController()
+    libraries = controller.lib_controllers
+    paths = [lib.filepath for lib in libraries if lib.user_api == "openmp" and "scikit_learn" in lib.filepath]
+    if not paths:
+        yield
+        return
+    with controller.select(filepath=paths).limit(limits=1):
+        yield
