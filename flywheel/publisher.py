@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -239,7 +240,9 @@ class EventPublisher:
         self._own: SpillFile | None = None
         self._orphans: list[SpillFile] = []
         self._delivered: set[tuple[str, int]] = set()
-        self._in_flight = 0
+        #: Records handed to the producer and not yet acknowledged or failed, by send number.
+        self._pending: dict[int, _Record] = {}
+        self._sends = itertools.count()
         self._held: list[_Record] = []
         self._sent = self._spilled = self._dropped = 0
         self._last_drop_log = 0.0
@@ -282,12 +285,14 @@ class EventPublisher:
             sent=self._sent,
             spilled=self._spilled,
             dropped=self._dropped,
-            queued=self._queue.qsize() + self._in_flight + len(self._held),
+            queued=self._queue.qsize() + len(self._pending) + len(self._held),
             spill_bytes=self._backlog_bytes(),
         )
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (spilling what Kafka does not take within ``timeout``) and stop."""
+        from kafka.errors import KafkaError
+
         if self._state is PublisherState.CLOSED:
             return
         self._close_deadline = time.monotonic() + timeout
@@ -295,9 +300,12 @@ class EventPublisher:
         if self._thread is not None:
             self._thread.join(timeout + self.settings.kafka_timeout + 5)
         if self._producer is not None:
-            # Sends still unacknowledged fail here, and their errbacks spill them.
-            self._producer.close(timeout=1)
+            with contextlib.suppress(KafkaError):
+                self._producer.close(timeout=1)
             self._producer = None
+        with self._lock:
+            stranded = list(self._pending.values())
+            self._pending.clear()
         leftovers = []
         while True:
             try:
@@ -305,7 +313,8 @@ class EventPublisher:
             except queue.Empty:
                 break
         self._set_state(PublisherState.CLOSED)
-        self._spill([*self._held, *leftovers])
+        # Sends Kafka never answered go to disk too; should one still arrive, replay duplicates it (by id).
+        self._spill([*stranded, *self._held, *leftovers])
         self._held = []
         with self._lock:
             for spill in [*self._orphans, *([self._own] if self._own else [])]:
@@ -331,7 +340,7 @@ class EventPublisher:
         next_attempt = next_scan = 0.0
         while True:
             closing = self._closing.is_set()
-            if self._state is not PublisherState.CONNECTED and self._in_flight == 0:
+            if self._state is not PublisherState.CONNECTED and not self._pending:
                 if self._held:
                     # Sends in flight at the outage have failed and been spilled; what waited goes after them.
                     self._spill(self._held)
@@ -350,15 +359,15 @@ class EventPublisher:
                 if time.monotonic() >= next_scan:
                     next_scan = time.monotonic() + ORPHAN_SCAN_SECONDS
                     self._adopt_orphans()
-            elif self._in_flight:
+            elif self._pending:
                 self._held.extend(records)
             else:
                 self._spill(records)
             if closing and self._queue.empty():
-                if self._producer is not None and self._in_flight:
+                if self._producer is not None and self._pending:
                     with contextlib.suppress(KafkaError):
                         self._producer.flush(timeout=max(0.0, self._close_deadline - time.monotonic()))
-                settled = not self._in_flight and not self._held and not self._has_backlog()
+                settled = not self._pending and not self._held and not self._has_backlog()
                 if settled or time.monotonic() > self._close_deadline:
                     break
 
@@ -387,22 +396,30 @@ class EventPublisher:
                 self._outage()
                 self._spill(records[index:])
                 return
+            number = next(self._sends)
             with self._lock:
-                self._in_flight += 1
-            future.add_callback(self._acknowledged, record)
-            future.add_errback(self._failed, record)
+                self._pending[number] = record
+            future.add_callback(self._acknowledged, number)
+            future.add_errback(self._failed, number)
 
-    def _acknowledged(self, record: _Record, _: object) -> None:
+    def _acknowledged(self, number: int, _: object) -> None:
         with self._lock:
-            self._in_flight -= 1
+            record = self._pending.pop(number, None)
+            if record is None:
+                return  # close() has spilled it already
             self._sent += 1
         self._metrics.events.labels(topic=record.topic, outcome="sent").inc()
 
-    def _failed(self, record: _Record, _: BaseException) -> None:
+    def _failed(self, number: int, _: BaseException) -> None:
+        with self._lock:
+            record = self._pending.get(number)
+        if record is None:
+            return
         self._outage()
         self._spill([record])
         with self._lock:
-            self._in_flight -= 1
+            # Removed only now, so the thread does not start replaying before this record is on disk.
+            self._pending.pop(number, None)
 
     def _outage(self) -> None:
         if self._state is PublisherState.CONNECTED:

@@ -116,3 +116,24 @@ def test_events_beyond_the_disk_cap_are_dropped_and_counted(tmp_path: Path) -> N
         assert 0 < stats.spilled <= 5
         assert stats.dropped == 20 - stats.spilled
         assert stats.spill_bytes <= settings.spill_max_bytes
+
+
+def test_events_unacknowledged_at_close_are_kept_on_disk(tmp_path: Path) -> None:
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    broker = EmbeddedBroker(port=port).start()
+    publisher = EventPublisher(_settings(tmp_path, bootstrap), name="closing").start()
+    try:
+        _wait(lambda: publisher.state is PublisherState.CONNECTED)
+        broker.stop()
+        events = [_prediction(f"in flight {i}") for i in range(10)]
+        for event in events:
+            publisher.publish(event)
+        publisher.close(timeout=0.5)  # long before Kafka's own timeout gives up on them
+        assert publisher.stats().spilled == 10
+    finally:
+        broker.stop()
+
+    with EmbeddedBroker(port=port), EventPublisher(_settings(tmp_path, bootstrap), name="next"):
+        wanted = [e.prediction_id for e in events]
+        assert sorted(_ids_in(Topic.PREDICTIONS, bootstrap, wanted)) == sorted(wanted)
