@@ -243,6 +243,10 @@ class Settings(BaseSettings):
     drift_min_feedback_rows: int = Field(
         50, ge=1, description="Accepted feedback labels in the window needed before feedback-label drift is tested."
     )
+    drift_keep_reports: int = Field(
+        336, ge=1, description="Newest drift reports kept (HTML, JSON, row, targets); older ones are deleted after "
+        "each run (336 = two weeks of hourly runs, about 1.3 GB of HTML)."
+    )
     drift_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Port for `flywheel drift watch`'s Prometheus metrics; unset = no endpoint."
     )

@@ -176,7 +176,10 @@ class DriftMonitor:
         # Files first, then the row that lists them, then the alert that points at both.
         self.archive.save(summary, outcome.html)
         if self.database is not None:
-            DriftStore(self.database).add(summary, outcome.targets)
+            store = DriftStore(self.database)
+            store.add(summary, outcome.targets)
+            store.prune(s.drift_keep_reports)
+        self.archive.prune(s.drift_keep_reports)
         if alert is not None:
             logger.warning(
                 "drift detected by report %s on model %s: %s", summary.report_id, summary.model_version, summary.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -79,6 +80,13 @@ class ReportArchive:
         if not path.is_file():
             raise MonitoringError(f"no drift report {report_id}")
         return path
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` reports' files; returns the deleted ids."""
+        doomed = self.ids()[:-keep] if keep > 0 else self.ids()
+        for report_id in doomed:
+            shutil.rmtree(self.path(report_id), ignore_errors=True)
+        return doomed
 
     def ids(self) -> list[str]:
         """Ids of the stored complete reports, oldest first (ids are time-ordered UUIDv7)."""

@@ -81,6 +81,17 @@ class DriftStore:
                         )
                     )
 
+    def prune(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` reports, and the targets of deleted reports; returns how many."""
+        with self.database.session() as session:
+            kept = select(DriftReport.report_id).order_by(col(DriftReport.created_at).desc()).limit(keep)
+            kept_ids = list(session.exec(kept))
+            if not kept_ids:
+                return 0
+            result = session.execute(delete(DriftReport).where(col(DriftReport.report_id).not_in(kept_ids)))
+            session.execute(delete(DriftTarget).where(col(DriftTarget.report_id).not_in(kept_ids)))
+        return int(getattr(result, "rowcount", 0) or 0)
+
     def recent(self, limit: int = 100, offset: int = 0) -> list[DriftReportPublic]:
         """Reports, newest first."""
         with self.database.read_session() as session:

@@ -15,7 +15,7 @@ from feedback.store import FeedbackStore, prediction_row
 from flywheel.events import PredictionEvent, new_id, utcnow
 from flywheel.settings import Settings
 from monitoring.drift import Signal
-from monitoring.reports import DriftSummary
+from monitoring.reports import DriftSummary, ReportArchive
 from monitoring.store import DriftStore
 from monitoring.window import WindowReader
 
@@ -121,3 +121,23 @@ def test_reports_and_targets_are_indexed(store: FeedbackStore) -> None:
         (ids[2], third.report_id),
         (ids[1], second.report_id),
     ]
+
+
+def test_old_reports_and_their_targets_are_pruned(store: FeedbackStore, tmp_path: Path) -> None:
+    ids = log_predictions(store, [1, 1])
+    drift = DriftStore(store.database)
+    archive = ReportArchive(tmp_path / "home")
+    summaries = [summary_of("drifted", 0.5) for _ in range(3)]
+    for minutes, summary in enumerate(summaries):
+        summary.created_at += timedelta(minutes=minutes)
+        targeted = ids[minutes : minutes + 1]
+        drift.add(summary, pd.DataFrame({"prediction_id": targeted, "drift_score": [0.9] * len(targeted)}))
+        archive.save(summary, "<html></html>")
+
+    assert drift.prune(keep=2) == 1
+    assert archive.prune(keep=2) == [summaries[0].report_id]
+
+    kept = [s.report_id for s in summaries[1:]]
+    assert sorted(r.report_id for r in drift.recent()) == sorted(kept)
+    assert archive.ids() == kept
+    assert [t.prediction_id for t in drift.targets()] == [ids[1]]
