@@ -1,4 +1,5 @@
-"""The retrain worker: APScheduler jobs (persistent schedule), queued and drift-triggered runs, clean shutdown."""
+"""The worker: APScheduler jobs (persistent schedule) for retrain checks, drift reports and housekeeping;
+queued and drift-triggered retrains; clean shutdown."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from kafka.errors import KafkaError
 from feedback.database import Database
 from feedback.store import FeedbackStore
 from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
+from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
+from monitoring.monitor import DriftMonitor
+from monitoring.schedule import add_drift_job
 from retrain.models import RunTrigger
 from retrain.runner import RetrainRunner
 
@@ -55,6 +59,7 @@ class RetrainWorker:
         self.database: Database | None = None
         self.runner: RetrainRunner | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.publisher: EventPublisher | None = None
         self._alerts: threading.Thread | None = None
 
     def start(self) -> None:
@@ -80,6 +85,11 @@ class RetrainWorker:
         scheduler.start(paused=True)
         self._keep_schedule(scheduler, "retrain-check", scheduled_retrain, self.settings.retrain_interval_seconds)
         self._keep_schedule(scheduler, "housekeeping", housekeeping, self.settings.housekeeping_interval_seconds)
+        # The drift job publishes its alerts; the listener below turns them into queued retrains.
+        self.publisher = EventPublisher(self.settings, name="worker").start()
+        add_drift_job(
+            scheduler, self.settings, DriftMonitor(self.settings, database=self.database, publisher=self.publisher)
+        )
         scheduler.add_job(
             self.poll, IntervalTrigger(seconds=self.settings.retrain_queue_poll_seconds), id="retrain-queue",
             jobstore="local", replace_existing=True,
@@ -137,7 +147,8 @@ class RetrainWorker:
                         Topic.ALERTS,
                         bootstrap_servers=self.settings.kafka_bootstrap,
                         group_id=ALERTS_GROUP,
-                        auto_offset_reset="latest",
+                        # A first start also acts on alerts sent before it: at most one run is queued at a time.
+                        auto_offset_reset="earliest",
                         enable_auto_commit=True,
                         max_poll_interval_ms=self.settings.ingest_max_poll_interval_ms,
                         session_timeout_ms=self.settings.ingest_max_poll_interval_ms + 1000,
@@ -173,6 +184,8 @@ class RetrainWorker:
             self.scheduler.shutdown(wait=True)
         if self._alerts is not None:
             self._alerts.join(timeout=10)
+        if self.publisher is not None:
+            self.publisher.close()
         if self.database is not None:
             self.database.dispose()
         _active = None

@@ -15,14 +15,18 @@ import pytest
 
 from feedback.database import Database
 from feedback.store import FeedbackStore
+from flywheel.broker import EmbeddedBroker
 from flywheel.classifier import Classifier
+from flywheel.events import DriftAlertEvent
+from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
+from monitoring.schedule import JOB_ID as DRIFT_JOB_ID
 from retrain.lease import RetrainLock
 from retrain.models import RunStatus, RunTrigger
 from retrain.runner import RetrainRunner
 from retrain.worker import RetrainWorker
-from tests.conftest import copy_home
+from tests.conftest import copy_home, free_port
 from tests.support import product_reviews, synthetic_sentiment
 
 pytestmark = pytest.mark.slow
@@ -189,3 +193,26 @@ def test_worker_restart_keeps_its_schedule_and_finished_runs(runner: RetrainRunn
         assert [r.run_id for r in runner.runs()] == [queued.run_id]
     finally:
         again.shutdown()
+
+
+def test_a_drift_alert_queues_a_retrain(runner: RetrainRunner, home_env: dict[str, str], tmp_path: Path) -> None:
+    with EmbeddedBroker(port=free_port()) as private:
+        settings = Settings(kafka_bootstrap=private.bootstrap, retrain_queue_poll_seconds=3600)
+        worker = RetrainWorker(settings)
+        worker.start()
+        try:
+            assert worker.scheduler is not None and worker.scheduler.get_job(DRIFT_JOB_ID) is not None
+            publisher = EventPublisher(settings, name="test").start()
+            alert = DriftAlertEvent(
+                report_id="r1", model_version="v", drift_score=0.9, current_rows=500, reference_rows=900
+            )
+            publisher.publish(alert)
+            publisher.close()
+            deadline = time.monotonic() + 60
+            while not runner.runs():
+                assert time.monotonic() < deadline, "the drift alert queued no retrain"
+                time.sleep(0.5)
+            queued = runner.runs()[0]
+            assert (queued.trigger, queued.status, queued.reason) == ("drift_alert", "queued", "drift report r1")
+        finally:
+            worker.shutdown()
