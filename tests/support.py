@@ -33,17 +33,25 @@ def build_tiny_base(directory: Path) -> Path:
     return directory
 
 
-def synthetic_sentiment(n: int, seed: int = 0) -> pd.DataFrame:
-    """An easy two-class task: one sentiment word among filler decides the label."""
+def _one_word_decides(
+    n: int, seed: int, vocab: tuple[list[str], list[str], list[str]], max_filler: int, suffix: str
+) -> pd.DataFrame:
+    """Alternating labels; one word from the label's list among 3..max_filler filler words decides it."""
+    positive, negative, filler = vocab
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = "positive" if i % 2 == 0 else "negative"
-        word = rng.choice(POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS)
-        words = rng.sample(FILLER, rng.randint(3, 7))
+        word = rng.choice(positive if label == "positive" else negative)
+        words = rng.sample(filler, rng.randint(3, max_filler))
         words.insert(rng.randint(0, len(words)), word)
-        rows.append({"text": " ".join(words) + f" {i}", "label": label})
+        rows.append({"text": " ".join(words) + suffix.format(seed=seed, i=i), "label": label})
     return pd.DataFrame(rows)
+
+
+def synthetic_sentiment(n: int, seed: int = 0) -> pd.DataFrame:
+    """An easy two-class task: one sentiment word among filler decides the label."""
+    return _one_word_decides(n, seed, (POSITIVE_WORDS, NEGATIVE_WORDS, FILLER), 7, " {i}")
 
 
 PRODUCT_POSITIVE = ["sturdy", "reliable", "speedy", "intuitive", "durable", "comfortable"]
@@ -53,12 +61,4 @@ PRODUCT_FILLER = ["the", "app", "phone", "charger", "battery", "seller", "delive
 
 def product_reviews(n: int, seed: int = 0) -> pd.DataFrame:
     """A domain the synthetic movie task never covers: product words decide the label."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        word = rng.choice(PRODUCT_POSITIVE if label == "positive" else PRODUCT_NEGATIVE)
-        words = rng.sample(PRODUCT_FILLER, rng.randint(3, 6))
-        words.insert(rng.randint(0, len(words)), word)
-        rows.append({"text": " ".join(words) + f" #{seed}-{i}", "label": label})
-    return pd.DataFrame(rows)
+    return _one_word_decides(n, seed, (PRODUCT_POSITIVE, PRODUCT_NEGATIVE, PRODUCT_FILLER), 6, " #{seed}-{i}")
