@@ -217,8 +217,9 @@ def http_benchmark(args: argparse.Namespace, texts: list[str], bootstrap: str, w
             "FLYWHEEL_DATABASE_URL": url,
             "FLYWHEEL_KAFKA_BOOTSTRAP": bootstrap,
             "FLYWHEEL_FEEDBACK_RATE_LIMIT": "0",
-            "FLYWHEEL_TORCH_THREADS": "1",
             **TINY_TRAINING_ENV,
+            "FLYWHEEL_TORCH_THREADS": "1",
+            "FLYWHEEL_SERVE_WORKERS": str(args.workers),
         }
         settings = Settings.model_validate({k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items()})
         TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(
@@ -243,7 +244,7 @@ def http_benchmark(args: argparse.Namespace, texts: list[str], bootstrap: str, w
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     b50, b99 = percentile(base_latencies, 50), percentile(base_latencies, 99)
     lines.append(
-        f"POST /feedback (PostgreSQL) at concurrency {args.concurrency}: {rate:,.0f} req/s, p50 {p50:.1f} ms, "
+        f"POST /feedback (PostgreSQL, {args.workers} worker) at concurrency {args.concurrency}: {rate:,.0f} req/s, p50 {p50:.1f} ms, "
         f"p99 {p99:.1f} ms, {failures} errors  [target p99 < 50 ms]"
     )
     lines.append(
@@ -258,6 +259,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="Prediction events ingested per database.")
     parser.add_argument("--requests", type=int, default=3_000, help="POST /feedback requests.")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="Service worker processes.")
     parser.add_argument("--quick", action="store_true", help="Smoke run: 2,000 events, 300 requests.")
     parser.add_argument("--skip-http", action="store_true", help="Only the ingestion part (no service).")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/rotten_tomatoes.csv"))

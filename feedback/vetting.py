@@ -32,6 +32,10 @@ SOURCE_COLUMNS = tuple(
     getattr(FeedbackSource, name)
     for name in ("source", "trusted", "quarantined", "quarantine_reason", "scored", "label_issues")
 )
+#: What vetting needs of a prediction (a full ORM load costs more than the rest of a submit).
+_EVIDENCE = select(Prediction.text, Prediction.text_key, Prediction.model_version, Prediction.scores).where(
+    col(Prediction.prediction_id) == bindparam("prediction_id")
+)
 #: Statuses whose labels count when looking for contradicting labels of the same text.
 LIVE_STATUSES = (FeedbackStatus.PENDING, FeedbackStatus.ACCEPTED, FeedbackStatus.USED)
 
@@ -122,7 +126,7 @@ class Vetter:
         row.updated_at = now
         had_score, had_issue = row.label_quality is not None, row.label_issue
         if row.prediction_id is not None and row.text is None:
-            prediction = session.get(Prediction, row.prediction_id)
+            prediction = session.execute(_EVIDENCE, {"prediction_id": row.prediction_id}).first()
             if prediction is None:
                 row.status = FeedbackStatus.PENDING
                 row.status_reason = f"waiting for prediction {row.prediction_id} to be ingested"

@@ -178,3 +178,17 @@ class TcpProxy:
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture()
+def tcp_proxy() -> Iterator[Callable[[tuple[str, int]], TcpProxy]]:
+    """Starts TCP proxies to a target; all are stopped after the test."""
+    proxies: list[TcpProxy] = []
+
+    def start(target: tuple[str, int]) -> TcpProxy:
+        proxies.append(TcpProxy(target).start())
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()

@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flywheel.broker import EmbeddedBroker
 from flywheel.events import FeedbackEvent, Topic
-from tests.conftest import copy_home, read_topic
+from tests.conftest import copy_home, read_topic, scratch_database_url
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +29,11 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture()
-def cli_env(trained_home: dict[str, str], tmp_path: Path, database_url: str, broker: object) -> dict[str, str]:
-    env = copy_home(trained_home, tmp_path / "home")
-    return {**env, "FLYWHEEL_DATABASE_URL": database_url, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}  # type: ignore[attr-defined]
+def cli_env(trained_home: dict[str, str], tmp_path: Path, broker: EmbeddedBroker) -> Iterator[dict[str, str]]:
+    """A champion home on PostgreSQL (the SQLite flow is the vetting test below) and the session broker."""
+    with scratch_database_url("postgresql", tmp_path) as url:
+        env = copy_home(trained_home, tmp_path / "home")
+        yield {**env, "FLYWHEEL_DATABASE_URL": url, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}
 
 
 def test_import_export_and_stats(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -91,3 +95,28 @@ def test_import_errors_are_one_line(trained_home: dict[str, str], tmp_path: Path
     source = run(env, "feedback", "import", str(columns), "--source", "team a")
     assert source.returncode == 2
     assert source.stderr.startswith("error: invalid source 'team a'")
+
+
+def test_untrusted_import_is_vetted_by_the_champion_then_reviewed(
+    trained_home: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**copy_home(trained_home, tmp_path / "home"), "FLYWHEEL_DATABASE_URL": f"sqlite:///{tmp_path}/f.db",
+           "FLYWHEEL_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
+    crowd = tmp_path / "crowd.csv"
+    crowd.write_text("text,label\ngood great excellent wonderful,negative\nbad awful terrible,negative\n")
+    assert run(env, "feedback", "import", str(crowd), "--source", "crowd").returncode == 0
+
+    vetted = run(env, "feedback", "vet")
+    assert vetted.returncode == 0, vetted.stderr
+    assert "vetted 2 labels against model" in vetted.stdout
+    rows = {row["text"]: row for row in csv.DictReader(run(env, "feedback", "export").stdout.splitlines())}
+    assert all(row["model_label"] and row["label_quality"] for row in rows.values())
+    assert rows["bad awful terrible"]["status"] == "accepted"
+
+    review = run(env, "feedback", "review")
+    assert review.returncode == 0, review.stderr
+    target = rows["good great excellent wonderful"]["feedback_id"]
+    decided = run(env, "feedback", "resolve", target, "--reject", "--reason", "checked")
+    assert decided.stdout.strip() == f"{target}: rejected"
+    trusted = run(env, "feedback", "source", "crowd", "--trust")
+    assert json.loads(trusted.stdout)["trusted"] is True

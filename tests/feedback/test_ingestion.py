@@ -94,13 +94,16 @@ def test_malformed_events_go_to_the_dead_letter_topic_and_the_consumer_continues
 
 
 def test_database_outage_mid_stream_loses_and_duplicates_nothing(
-    store_factory: Callable[..., FeedbackStore], private_broker: EmbeddedBroker, database_url: str
+    store_factory: Callable[..., FeedbackStore],
+    private_broker: EmbeddedBroker,
+    database_url: str,
+    tcp_proxy: Callable[[tuple[str, int]], TcpProxy],
 ) -> None:
-    outage: Callable[[], None]
-    recovery: Callable[[], None]
+    outage: Callable[[], object]
+    recovery: Callable[[], object]
     if database_url.startswith("postgresql"):
         url = make_url(database_url)
-        proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+        proxy = tcp_proxy((url.host or "127.0.0.1", url.port or 5432))
         proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
         consumer_store = store_factory(kafka_bootstrap=private_broker.bootstrap, database_url=proxied)
         outage, recovery = proxy.stop, proxy.start
