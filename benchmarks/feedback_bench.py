@@ -244,8 +244,8 @@ def http_benchmark(args: argparse.Namespace, texts: list[str], bootstrap: str, w
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     b50, b99 = percentile(base_latencies, 50), percentile(base_latencies, 99)
     lines.append(
-        f"POST /feedback (PostgreSQL, {args.workers} worker) at concurrency {args.concurrency}: {rate:,.0f} req/s, p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms, {failures} errors  [target p99 < 50 ms]"
+        f"POST /feedback (PostgreSQL, {args.workers} worker) at concurrency {args.concurrency}: {rate:,.0f} req/s, "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {failures} errors  [target p99 < 50 ms]"
     )
     lines.append(
         f"GET /model baseline, same server:          {base_rate:,.0f} req/s, p50 {b50:.1f} ms, p99 {b99:.1f} ms "
