@@ -3,7 +3,9 @@
 Starts the embedded broker and the service on the real default model (the champion of ``--home``, or a
 MiniLM fine-tuned briefly on ``--data`` in a temporary home), drives ``POST /predict`` with one text per
 request at each concurrency, then repeats the load with Kafka logging turned off. The baseline, measured in
-the same run, is the raw classifier (tokenize + forward) at its best batch size.
+the same run, is the raw classifier (tokenize + forward) at its best batch size, in its own process with the
+service workers' environment (passive OpenMP threads, no tokenizer thread pool). The top concurrency is measured
+in interleaved rounds (raw, then both services) so background load on shared CPUs hits all three alike.
 
     python benchmarks/serve_bench.py --data ../shared/data/rotten_tomatoes.csv
     python benchmarks/serve_bench.py --quick          # smoke run: few requests, tiny training
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -24,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -78,22 +83,46 @@ def prepare_model(args: argparse.Namespace, home: Path) -> ModelVersion:
     return registry.champion_version()
 
 
-def load_classifier(entry: ModelVersion, threads: int) -> Classifier:
-    """The champion as the service loads it, on ``threads`` torch threads."""
+def _raw_worker(conn: Connection, model_dir: str, max_length: int, threads: int, texts: list[str]) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
-    classifier.predict_proba(["warm up"] * 64, batch_size=64)
-    return classifier
+    classifier = Classifier.load(model_dir, max_length=max_length)
+    classifier.predict_proba(texts[:64], batch_size=64)
+    while (batch_size := conn.recv()) is not None:
+        started = time.perf_counter()
+        for start in range(0, len(texts), batch_size):
+            classifier.predict_proba(texts[start : start + batch_size], batch_size=batch_size)
+        conn.send(len(texts) / (time.perf_counter() - started))
 
 
-def raw_rate(classifier: Classifier, texts: list[str], batch_size: int) -> float:
-    """Texts/s of the bare classifier: tokenize + forward in batches of ``batch_size``."""
-    started = time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        classifier.predict_proba(texts[start : start + batch_size], batch_size=batch_size)
-    return len(texts) / (time.perf_counter() - started)
+class RawModel:
+    """The bare classifier (tokenize + forward) in its own process, run with the service workers' environment."""
+
+    def __init__(self, entry: ModelVersion, threads: int, texts: list[str]) -> None:
+        from service.service import WORKER_ENV
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        saved = dict(os.environ)
+        os.environ.update({e["name"]: os.environ.get(e["name"], e["value"]) for e in WORKER_ENV})
+        try:
+            self._process = context.Process(
+                target=_raw_worker, args=(child, str(entry.model_dir), entry.card.max_length, threads, texts)
+            )
+            self._process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def rate(self, batch_size: int) -> float:
+        """Texts/s over the sample in batches of ``batch_size``."""
+        self._conn.send(batch_size)
+        return float(self._conn.recv())
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(30)
 
 
 @contextmanager
@@ -227,13 +256,13 @@ def main() -> None:
             f"model {entry.version} ({entry.card.base_model}, max_length {entry.card.max_length}); "
             f"{args.threads} torch threads; {len(os.sched_getaffinity(0))} CPUs; load avg {os.getloadavg()[0]:.1f}"
         )
-        classifier = load_classifier(entry, args.threads)
-        sample = texts[: max(256, min(len(texts), args.requests))]
-        sizes = {size: raw_rate(classifier, sample, size) for size in (8, 16, 32, 64, 128)}
+        raw = RawModel(entry, args.threads, texts[:512])
+        sizes = {size: raw.rate(size) for size in (8, 16, 32, 64, 128)}
         best = max(sizes, key=lambda size: sizes[size])
         print("raw model, tokenize + forward: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in sizes.items()))
 
         with (
+            contextlib.closing(raw),
             EmbeddedBroker(port=free_port()) as broker,
             service(home, broker.bootstrap, args.threads, log_predictions=True) as logged,
             service(home, broker.bootstrap, args.threads, log_predictions=False) as unlogged,
@@ -246,14 +275,18 @@ def main() -> None:
                 print(describe("service, logging off", level(*unlogged, texts, concurrency, count)))
             # The 2 CPUs may be shared: alternate the three measurements and compare within each round.
             raws, ons, offs = [], [], []
-            for _ in range(args.rounds):
-                raws.append(raw_rate(classifier, sample, best))
-                ons.append(level(*logged, texts, top, args.requests))
-                offs.append(level(*unlogged, texts, top, args.requests))
+            for round_ in range(args.rounds):
+                raws.append(raw.rate(best))
+                # Alternate which service goes first, so a drifting background load favours neither.
+                first, second = (logged, unlogged) if round_ % 2 == 0 else (unlogged, logged)
+                results = {first: level(*first, texts, top, args.requests)}
+                results[second] = level(*second, texts, top, args.requests)
+                ons.append(results[logged])
+                offs.append(results[unlogged])
                 print(f"round: raw {raws[-1]:.1f}/s | " + describe("logging on", ons[-1]).strip())
                 print(f"       raw {raws[-1]:.1f}/s | " + describe("logging off", offs[-1]).strip())
 
-    ratio = float(np.median([on.rate / raw for on, raw in zip(ons, raws, strict=True)]))
+    ratio = float(np.median([on.rate / base for on, base in zip(ons, raws, strict=True)]))
     cost = float(np.median([1 - on.rate / off.rate for on, off in zip(ons, offs, strict=True)]))
     print()
     print(f"raw model best: {np.median(raws):.1f} texts/s at batch {best} (median of {args.rounds} rounds)")
