@@ -34,19 +34,25 @@ def admin_guard(settings: Settings) -> Callable[[str | None], None]:
     return require_admin
 
 
-def api_key_guard(settings: Settings) -> Callable[[str | None], None]:
-    """FastAPI dependency: with FLYWHEEL_API_KEYS set, requests need one of them in ``X-API-Key``."""
+def verify_api_key(settings: Settings, given: str | None) -> None:
+    """With FLYWHEEL_API_KEYS set, raise 401 unless ``given`` is one of them."""
     keys = [key.get_secret_value() for key in settings.api_keys]
+    if not keys:
+        return
+    # Compare against every key so the time taken does not depend on which one matched.
+    matched = [_matches(given or "", key) for key in keys]
+    if not given or not any(matched):
+        raise HTTPException(
+            401,
+            f"API key missing or wrong: send a key from FLYWHEEL_API_KEYS in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+
+
+def api_key_guard(settings: Settings) -> Callable[[str | None], None]:
+    """FastAPI dependency form of :func:`verify_api_key`."""
 
     def require_api_key(x_api_key: str | None = Header(default=None)) -> None:
-        if not keys:
-            return
-        # Compare against every key so the time taken does not depend on which one matched.
-        matched = [_matches(x_api_key or "", key) for key in keys]
-        if not x_api_key or not any(matched):
-            raise HTTPException(
-                401, f"API key missing or wrong: send a key from FLYWHEEL_API_KEYS in the {API_KEY_HEADER} header",
-                headers={"WWW-Authenticate": "ApiKey"},
-            )
+        verify_api_key(settings, x_api_key)
 
     return require_api_key

@@ -33,6 +33,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from flywheel.auth import API_KEY_HEADER, verify_api_key
 from flywheel.events import PredictionEvent, new_id
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
@@ -196,6 +197,7 @@ class TextClassifier:
     async def predict(self, request: Request) -> JSONResponse:
         """Classify ``text`` or ``texts``; each prediction gets an id to quote in feedback."""
         started = time.perf_counter()
+        verify_api_key(self.settings, request.headers.get(API_KEY_HEADER))
         body = await self._read_body(request)
         texts = parse_predict_body(body, self.settings.predict_max_texts, self.settings.predict_max_chars)
         result = await self.batcher.submit(texts)
