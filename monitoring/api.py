@@ -9,12 +9,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from feedback.database import Database, DatabaseError
+from flywheel.auth import admin_guard
 from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
 from flywheel.publisher import EventPublisher
@@ -202,7 +203,12 @@ def create_router(
         except (OperationalError, InterfaceError) as exc:
             raise HTTPException(503, unreachable) from exc
 
-    @router.post("/drift/run", status_code=202, responses={409: {"description": "A run is in progress."}})
+    @router.post(
+        "/drift/run",
+        status_code=202,
+        dependencies=[Depends(admin_guard(settings))],
+        responses={409: {"description": "A run is in progress."}},
+    )
     async def drift_run() -> dict[str, Any]:
         """Start a drift report now in this worker; poll ``GET /drift/latest`` for the result."""
         if serving() is None:

@@ -26,6 +26,7 @@ from tests.monitoring import browser
 from tests.monitoring.conftest import GERMAN_WORDS, word_sentences
 
 pytestmark = pytest.mark.slow
+ADMIN_TOKEN = "drift-admin-token"
 
 FLYWHEEL = shutil.which("flywheel") or str(Path(os.sys.executable).parent / "flywheel")  # type: ignore[attr-defined]
 SHIFTED_ROWS = 240
@@ -76,6 +77,7 @@ def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     env = {
         **copy_home(trained_home, directory / "home"),
         "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "FLYWHEEL_ADMIN_TOKEN": ADMIN_TOKEN,
         "FLYWHEEL_INGEST_MAX_POLL_INTERVAL_MS": "2000",
         "FLYWHEEL_DRIFT_TARGETED_LABELS": str(TARGETED),
         "FLYWHEEL_TORCH_THREADS": "1",
@@ -213,10 +215,12 @@ def test_pages_render_in_headless_chromium(drifted: Drifted) -> None:
 def test_post_drift_run_starts_one_run_at_a_time(drifted: Drifted) -> None:
     base = drifted.base
     before = httpx.get(f"{base}/drift/latest", timeout=30).json()["report_id"]
-    started = httpx.post(f"{base}/drift/run", timeout=30)
+    assert httpx.post(f"{base}/drift/run", timeout=30).status_code == 401
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    started = httpx.post(f"{base}/drift/run", headers=admin, timeout=30)
     assert started.status_code == 202, started.text
     assert started.json()["poll"] == "/drift/latest"
-    again = httpx.post(f"{base}/drift/run", timeout=30)
+    again = httpx.post(f"{base}/drift/run", headers=admin, timeout=30)
     assert again.status_code == 409
     assert "already running" in again.json()["detail"]
 
