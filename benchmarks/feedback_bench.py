@@ -133,6 +133,8 @@ def naive_rate(settings: Settings, limit: int, with_database: bool) -> float:
         max_poll_interval_ms=3000,
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
+        # Small polls: one-at-a-time commits of a large poll would outlast max_poll_interval_ms.
+        max_poll_records=20,
     )
     consumer.subscribe([Topic.PREDICTIONS.value])
     done, started = 0, 0.0

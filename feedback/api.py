@@ -47,7 +47,7 @@ class _Backend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.database = BackgroundDatabase(settings, pool_size=16).start()
+        self.database = BackgroundDatabase(settings, pool_size=DB_THREADS).start()
         self._parts: tuple[FeedbackStore, ReviewQueue] | None = None
 
     def ready(self) -> tuple[FeedbackStore, ReviewQueue]:
