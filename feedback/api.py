@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -24,6 +24,7 @@ from feedback.models import FeedbackCreate, FeedbackPublic
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
+from flywheel.auth import api_key_guard
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
@@ -122,6 +123,7 @@ def create_router(
         "/feedback",
         status_code=202,
         response_model=FeedbackPublic,
+        dependencies=[Depends(api_key_guard(settings))],
         responses=errors,
         openapi_extra={
             "requestBody": {

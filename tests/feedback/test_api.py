@@ -13,13 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from feedback.database import Database
 from feedback.models import Prediction
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import FeedbackEvent, Topic, new_id
 from tests.conftest import copy_home, read_topic, running_service, scratch_database_url
-from tests.feedback.conftest import wait_until
+from tests.feedback.conftest import TcpProxy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +167,28 @@ def test_feedback_flows_through_kafka_into_the_store(served: tuple[str, dict[str
     ours = [e for e in published if isinstance(e, FeedbackEvent) and e.source in ("e2e", "annotation")]
     assert {e.feedback_id for e in ours} >= {receipt["feedback_id"], orphan["feedback_id"], labeled["feedback_id"]}
 
+
+
+def test_predictions_keep_flowing_while_the_feedback_store_is_down(
+    trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    with scratch_database_url("postgresql", tmp_path) as url:
+        parsed = make_url(url)
+        proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+        env = {
+            **copy_home(trained_home, tmp_path / "home"),
+            "FLYWHEEL_DATABASE_URL": parsed.set(port=proxy.port).render_as_string(hide_password=False),
+            "FLYWHEEL_DATABASE_READY_TIMEOUT": "1",
+            "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        }
+        body = {"text": "a calm and lovely film", "label": "positive", "source": "web"}
+        try:
+            with running_service(env) as base:
+                down = post(base, body)
+                assert down.status_code == 503
+                assert "feedback store is not available yet" in down.json()["detail"]
+                assert httpx.post(f"{base}/predict", json={"text": "still serving"}, timeout=30).status_code == 200
+                proxy.start()
+                wait_until(lambda: post(base, body).status_code == 202, timeout=60, what="the store to come back")
+        finally:
+            proxy.stop()
