@@ -115,7 +115,11 @@ def test_admin_retrain_endpoint_queues_a_run(loop_env: dict[str, str]) -> None:
     with running_service(loop_env) as url, httpx.Client(base_url=url, timeout=30) as http:
         assert http.post("/retrain").status_code == 401
         assert http.post("/retrain", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        queued = http.post("/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        deadline = time.monotonic() + 60
+        # The routes answer 503 until their database connection is open; clients retry.
+        while (queued := http.post("/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})).status_code == 503:
+            assert time.monotonic() < deadline, queued.text
+            time.sleep(0.5)
         assert queued.status_code == 202, queued.text
         again = http.post("/retrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert again.json()["run_id"] == queued.json()["run_id"]
