@@ -39,6 +39,7 @@ from flywheel.classifier import Classifier
 from flywheel.logs import configure_logging
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
+from service.service import CPU_FORWARD_BATCH, WORKER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,10 +90,11 @@ def _raw_worker(conn: Connection, model_dir: str, max_length: int, threads: int,
     torch.set_num_threads(threads)
     classifier = Classifier.load(model_dir, max_length=max_length)
     classifier.predict_proba(texts[:64], batch_size=64)
-    while (batch_size := conn.recv()) is not None:
+    while (request := conn.recv()) is not None:
+        chunk, forward = request
         started = time.perf_counter()
-        for start in range(0, len(texts), batch_size):
-            classifier.predict_proba(texts[start : start + batch_size], batch_size=batch_size)
+        for start in range(0, len(texts), chunk):
+            classifier.predict_proba(texts[start : start + chunk], batch_size=forward)
         conn.send(len(texts) / (time.perf_counter() - started))
 
 
@@ -100,8 +102,6 @@ class RawModel:
     """The bare classifier (tokenize + forward) in its own process, run with the service workers' environment."""
 
     def __init__(self, entry: ModelVersion, threads: int, texts: list[str]) -> None:
-        from service.service import WORKER_ENV
-
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         saved = dict(os.environ)
@@ -115,9 +115,9 @@ class RawModel:
             os.environ.clear()
             os.environ.update(saved)
 
-    def rate(self, batch_size: int) -> float:
-        """Texts/s over the sample in batches of ``batch_size``."""
-        self._conn.send(batch_size)
+    def rate(self, batch_size: int, forward: int | None = None) -> float:
+        """Texts/s over the sample handed over ``batch_size`` at a time (run ``forward`` texts per pass)."""
+        self._conn.send((batch_size, forward or batch_size))
         return float(self._conn.recv())
 
     def close(self) -> None:
@@ -260,6 +260,10 @@ def main() -> None:
         sizes = {size: raw.rate(size) for size in (8, 16, 32, 64, 128)}
         best = max(sizes, key=lambda size: sizes[size])
         print("raw model, tokenize + forward: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in sizes.items()))
+        print(
+            f"for reference, raw model batched like the service at c={top} ({top} texts sorted by length, forward "
+            f"passes of {CPU_FORWARD_BATCH}): {raw.rate(top, CPU_FORWARD_BATCH):.1f}/s"
+        )
 
         with (
             contextlib.closing(raw),

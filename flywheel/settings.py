@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(
         64, ge=1, description="Most texts in one inference batch, gathered across concurrent requests."
     )
+    inference_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Texts per forward pass: gathered texts are sorted by length and run in slices this big; "
+        "default 16 on CPU (cache-sized), the whole batch on GPU.",
+    )
     batch_max_wait_ms: float = Field(
         10.0, ge=0, description="Longest wait for concurrent requests to join a batch once traffic is concurrent."
     )

@@ -1,8 +1,11 @@
-"""Adaptive batching: concurrent requests share one forward pass on a single inference thread.
+"""Adaptive batching: concurrent requests are classified together on a single inference thread.
 
-The thread takes every request already waiting. When the previous batch held several requests, traffic is
-concurrent, so it also waits up to ``max_wait_ms`` for as many to arrive; after a lone request it never waits, so a
-single client pays no batching delay. Requests are never split, so each is answered by exactly one model.
+The thread takes every request already waiting, then waits up to ``max_wait_ms`` for as many requests as were in
+flight at once while the previous batch ran: concurrent clients whose answers just went out are about to send again,
+and one full batch beats two half ones. A lone client never waits. Requests are never split, so each is answered
+by exactly one model. The
+gathered texts are sorted by length and run in forward passes of ``forward_batch_size``: on CPU, gathering widely
+(less padding) but computing in small slices (activations stay in cache) was measured fastest.
 """
 
 from __future__ import annotations
@@ -57,21 +60,28 @@ class MicroBatcher:
         current_model: Callable[[], ServedModel | None],
         max_batch_size: int,
         max_wait_ms: float,
+        forward_batch_size: int,
         observer: BatchObserver | None = None,
     ) -> None:
         self.current_model = current_model
         self.max_batch_size = max_batch_size
+        self.forward_batch_size = forward_batch_size
         self.max_wait = max_wait_ms / 1000
         self.observer = observer
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._carry: _Job | None = None
-        self._expected = 1
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._peak = 0
         self._thread: threading.Thread | None = None
 
     async def submit(self, texts: list[str]) -> BatchResult:
         """Classify ``texts`` in the next batch that has room for all of them."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
+        with self._lock:
+            self._outstanding += 1
+            self._peak = max(self._peak, self._outstanding)
         self._queue.put(_Job(texts, future, loop))
         return await future
 
@@ -96,6 +106,9 @@ class MicroBatcher:
         self._carry = None
         if first is None:
             return None
+        with self._lock:
+            # Concurrency seen since the last batch started; the new window starts from what is in flight now.
+            target, self._peak = self._peak, self._outstanding
         jobs, size = [first], len(first.texts)
         deadline = time.monotonic() + self.max_wait
         while size < self.max_batch_size:
@@ -103,7 +116,7 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if len(jobs) >= self._expected or remaining <= 0:
+                if len(jobs) >= target or remaining <= 0:
                     break
                 try:
                     job = self._queue.get(timeout=remaining)
@@ -117,7 +130,6 @@ class MicroBatcher:
                 break
             jobs.append(job)
             size += len(job.texts)
-        self._expected = len(jobs)
         return jobs
 
     def _run(self) -> None:
@@ -134,7 +146,7 @@ class MicroBatcher:
         texts = [text for job in jobs for text in job.texts]
         started = time.perf_counter()
         try:
-            out = model.classifier.predict_proba(texts, batch_size=self.max_batch_size)
+            out = model.classifier.predict_proba(texts, batch_size=self.forward_batch_size)
         except Exception as exc:
             logger.exception("inference failed for a batch of %d texts on model %s", len(texts), model.version)
             self._settle(jobs, [exc] * len(jobs))
@@ -150,8 +162,9 @@ class MicroBatcher:
         if self.observer is not None:
             self.observer(len(texts), len(jobs), seconds)
 
-    @staticmethod
-    def _settle(jobs: list[_Job], results: list[BatchResult | BaseException]) -> None:
+    def _settle(self, jobs: list[_Job], results: list[BatchResult | BaseException]) -> None:
+        with self._lock:
+            self._outstanding -= len(jobs)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, BatchResult | BaseException]]] = {}
         for job, result in zip(jobs, results, strict=True):
             by_loop.setdefault(job.loop, []).append((job, result))

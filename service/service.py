@@ -52,6 +52,8 @@ from service.schemas import (
 
 logger = logging.getLogger(__name__)
 
+#: Texts per forward pass on CPU unless configured: measured fastest for MiniLM on 2 cores (activations fit in cache).
+CPU_FORWARD_BATCH = 16
 #: Request header whose value is logged with each prediction as the client id.
 CLIENT_ID_HEADER = "x-client-id"
 MAX_CLIENT_ID_CHARS = 128
@@ -145,6 +147,9 @@ class TextClassifier:
             lambda: self.watcher.current,
             max_batch_size=self.settings.batch_max_size,
             max_wait_ms=self.settings.batch_max_wait_ms,
+            forward_batch_size=self.settings.inference_batch_size or (
+                self.settings.batch_max_size if torch.cuda.is_available() else CPU_FORWARD_BATCH
+            ),
             observer=self.metrics.observe_batch,
         ).start()
         self._body_limit = self.settings.predict_max_texts * (self.settings.predict_max_chars * 6 + 8) + 4096
