@@ -12,6 +12,7 @@ from feedback.database import Database
 from feedback.models import Feedback, FeedbackStatus, Prediction, PredictionPublic
 from flywheel.events import utcnow
 from flywheel.settings import Settings
+from monitoring.models import DriftTarget
 from retrain.quality import dedupe_key
 
 #: How many candidates are read per requested item before near-duplicates are collapsed.
@@ -23,6 +24,8 @@ class ReviewItem(PredictionPublic):
     """A prediction worth a label, with how many near-duplicates it stands for."""
 
     similar: int = 0
+    #: Set when a drift report found this request among the most unlike the training data.
+    drift_score: float | None = None
 
 
 class NearDuplicates:
@@ -65,7 +68,7 @@ class ReviewQueue:
         self.similarity = settings.review_similarity
 
     def next(self, limit: int = 20, now: datetime | None = None) -> list[ReviewItem]:
-        """Up to ``limit`` unlabeled predictions: smallest top-two margin first, then newest."""
+        """Up to ``limit`` unlabeled predictions: drift targets first (newest report), then smallest margin, newest."""
         limit = max(1, min(limit, MAX_LIMIT))
         since = (now or utcnow()) - self.window
         labeled = exists().where(
@@ -77,16 +80,23 @@ class ReviewQueue:
         with self.database.read_session() as session:
             candidates = list(
                 session.exec(
-                    select(Prediction)
+                    select(Prediction, DriftTarget.drift_score)
+                    .outerjoin(DriftTarget, col(DriftTarget.prediction_id) == col(Prediction.prediction_id))
                     .where(col(Prediction.created_at) >= since, ~labeled)
-                    .order_by(col(Prediction.margin), col(Prediction.created_at).desc())
+                    .order_by(
+                        col(DriftTarget.prediction_id).is_(None),
+                        col(DriftTarget.created_at).desc(),
+                        col(DriftTarget.drift_score).desc(),
+                        col(Prediction.margin),
+                        col(Prediction.created_at).desc(),
+                    )
                     .limit(limit * SCAN_FACTOR)
                 )
             )
         items: list[ReviewItem] = []
         seen_keys: dict[str, int] = {}
         groups = NearDuplicates(self.similarity)
-        for prediction in candidates:
+        for prediction, drift_score in candidates:
             index = seen_keys.get(prediction.text_key)
             if index is None:
                 index = groups.match(prediction.text)
@@ -94,5 +104,7 @@ class ReviewQueue:
                 items[index].similar += 1
                 continue
             seen_keys[prediction.text_key] = len(items)
-            items.append(ReviewItem.model_validate(prediction, from_attributes=True))
+            item = ReviewItem.model_validate(prediction, from_attributes=True)
+            item.drift_score = drift_score
+            items.append(item)
         return items[:limit]

@@ -42,3 +42,23 @@ def test_near_duplicates_need_the_similarity_threshold() -> None:
     assert groups.match("one two three four five six seven eight nine ten eleven") == 0
     assert groups.match("one two three four five something else entirely here") is None
     assert groups.match("") is None
+
+
+def test_drift_targets_go_to_the_front_of_the_queue(store: FeedbackStore) -> None:
+    from monitoring.models import DriftTarget
+
+    now = utcnow()
+    crafted = {
+        "unsure": prediction("could be good, could be bad", 0.51, at=now),
+        "shifted": prediction("der Akku ist nach zwei Tagen leer", 0.97, at=now),
+        "more shifted": prediction("la batería murió en dos días", 0.99, at=now),
+    }
+    store.ingest([prediction_row(event, now) for event in crafted.values()])
+    with store.database.session() as session:
+        for name, score in (("shifted", 0.7), ("more shifted", 0.9)):
+            session.add(DriftTarget(prediction_id=crafted[name].prediction_id, report_id="r1", drift_score=score))
+
+    items = ReviewQueue(store.database, store.settings).next(limit=3, now=now)
+    by_id = {event.prediction_id: name for name, event in crafted.items()}
+    assert [by_id[item.prediction_id] for item in items] == ["more shifted", "shifted", "unsure"]
+    assert [item.drift_score for item in items] == [0.9, 0.7, None]
