@@ -146,13 +146,20 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 @contextmanager
 def running_service(
-    env: dict[str, str], port: int | None = None, timeout: float = 120.0, wait_for: str = "/readyz"
+    env: dict[str, str],
+    port: int | None = None,
+    timeout: float = 120.0,
+    wait_for: str = "/readyz",
+    *,
+    target: str = "service.service:TextClassifier",
+    cwd: Path | None = None,
 ) -> Iterator[str]:
     """Run ``bentoml serve`` for the Flywheel service as a subprocess; yields its base URL once /readyz is 200.
 
     ``env`` holds FLYWHEEL_* variables: a home with a champion (``trained_home`` or a ``copy_home`` of it) and
     ``FLYWHEEL_KAFKA_BOOTSTRAP=broker.bootstrap``. One worker and one torch thread unless ``env`` says otherwise.
-    ``wait_for="/healthz"`` yields as soon as the server is alive, ready or not.
+    ``wait_for="/healthz"`` yields as soon as the server is alive, ready or not. ``target`` may be a built Bento's
+    tag, served from ``cwd`` (default: the repository root).
     The server's output goes to ``<home>/serve-<port>.log``; the whole process group is killed on exit.
     """
     import contextlib
@@ -177,11 +184,10 @@ def running_service(
         **env,
     }
     log_path = home / f"serve-{port}.log"
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, cwd=Path(__file__).parent.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            command, cwd=cwd or Path(__file__).parent.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

@@ -19,7 +19,7 @@ import yaml
 from flywheel.broker import EmbeddedBroker
 from flywheel.registry import MODEL_NAME, ModelRegistry
 from flywheel.settings import Settings
-from tests.conftest import copy_home, free_port
+from tests.conftest import copy_home, running_service
 from tests.deploy.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -139,42 +139,9 @@ def test_bentoml_lists_the_bento(built: BuiltBento) -> None:
 @pytest.fixture()
 def bento_server(built: BuiltBento, broker: EmbeddedBroker, tmp_path: Path) -> Iterator[str]:
     """`bentoml serve TAG` of the built Bento, from a directory outside the checkout."""
-    import contextlib
-    import signal
-    import time
-
-    port = free_port()
-    env = {
-        **built.env,
-        "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "FLYWHEEL_SERVE_WORKERS": "1",
-        "FLYWHEEL_TORCH_THREADS": "1",
-    }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", built.tag, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log_path.read_text()[-4000:]
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.2)
+    env = {**built.env, "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap}
+    with running_service(env, target=built.tag, cwd=tmp_path) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(20)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 def test_built_bento_serves_the_champion(built: BuiltBento, bento_server: str) -> None:
