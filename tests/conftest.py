@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
@@ -237,3 +238,13 @@ def read_topic(bootstrap: str, topic: str, done: Callable[[list[Event]], bool], 
         return events
     finally:
         consumer.close()
+
+
+def wait_for_store(http: httpx.Client, timeout: float = 60.0) -> None:
+    """Block until the service's feedback store is open: it opens in the background, answering 503 until then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (response := http.get("/feedback/none")).status_code != 404:
+        assert time.monotonic() < deadline, f"feedback store not ready: {response.status_code} {response.text}"
+        time.sleep(0.3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for_store
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
@@ -111,6 +111,7 @@ def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict
             assert time.monotonic() < deadline, "the restarted service did not become ready"
             time.sleep(0.5)
 
+        wait_for_store(http)
         corrections = product_reviews(160, seed=1)
         predictions = http.post("/predict", json={"texts": corrections["text"].tolist()}).json()["predictions"]
         for prediction, truth in zip(predictions, corrections["label"], strict=True):

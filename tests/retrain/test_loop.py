@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from flywheel.broker import EmbeddedBroker
-from tests.conftest import copy_home, running_service
+from tests.conftest import copy_home, running_service, wait_for_store
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,7 @@ def test_corrections_through_the_api_make_the_served_model_better(
         before = predict(http, unseen["text"].tolist())
         right_before = sum(p["label"] == t for p, t in zip(before, unseen["label"], strict=True))
 
+        wait_for_store(http)
         predictions = predict(http, corrections["text"].tolist())
         for prediction, truth in zip(predictions, corrections["label"], strict=True):
             body = {"prediction_id": prediction["prediction_id"], "label": truth, "source": "annotation"}
