@@ -30,12 +30,12 @@ import torch
 
 from flywheel.classifier import Classifier
 from flywheel.events import new_id, utcnow
+from flywheel.holdout import GoldenHoldout
 from flywheel.logs import configure_logging
 from flywheel.registry import ModelCard, ModelRegistry, ModelVersion
 from flywheel.settings import DEFAULT_BASE_MODEL, Settings
 from monitoring.monitor import DriftMonitor, DriftOutcome
 from monitoring.window import CurrentWindow
-from retrain.holdout import GoldenHoldout
 from retrain.trainer import resolve_base_model
 
 LABELS = ["negative", "positive"]

@@ -28,13 +28,13 @@ import pandas as pd
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata
 
-from feedback.database import Database
 from feedback.ingestion import PredictionIngestor
-from feedback.models import Prediction
 from feedback.store import FeedbackStore, prediction_row
 from flywheel.broker import EmbeddedBroker
+from flywheel.database import Database
 from flywheel.events import PredictionEvent, Topic, decode, encode, utcnow
 from flywheel.logs import configure_logging
+from flywheel.models.feedback import Prediction
 from flywheel.settings import Settings
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -104,7 +104,7 @@ def settings_for(home: Path, url: str, bootstrap: str) -> Settings:
 
 def ingest_rate(settings: Settings, expected: int) -> float:
     """Events/s of the batched ingestor, from partition assignment to the last row committed."""
-    database = Database.from_settings(settings).start()
+    database = Database.from_settings(settings).upgrade()
     store = FeedbackStore(database, settings)
     ingestor = PredictionIngestor(settings, store, group_id=f"bench-{uuid.uuid4().hex[:8]}")
     thread = threading.Thread(target=ingestor.run, daemon=True)
@@ -124,7 +124,7 @@ def ingest_rate(settings: Settings, expected: int) -> float:
 
 def naive_rate(settings: Settings, limit: int, with_database: bool) -> float:
     """Events/s of a one-at-a-time consumer: insert, commit, commit the offset (or only decode, without a database)."""
-    database = Database.from_settings(settings).start() if with_database else None
+    database = Database.from_settings(settings).upgrade() if with_database else None
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=f"naive-{uuid.uuid4().hex[:8]}",
@@ -227,7 +227,7 @@ def http_benchmark(args: argparse.Namespace, texts: list[str], bootstrap: str, w
         TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(
             synthetic_sentiment(400)
         )
-        database = Database(url).start()
+        database = Database(url).upgrade()
         events = make_events(texts, 2000, seed=1)
         FeedbackStore(database, settings).ingest([prediction_row(event, utcnow()) for event in events])
         database.dispose()

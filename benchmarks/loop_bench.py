@@ -19,15 +19,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from feedback.database import Database
 from feedback.store import FeedbackStore
 from flywheel.classifier import Classifier
+from flywheel.database import Database
 from flywheel.logs import configure_logging
+from flywheel.models.retrain import RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from retrain.data import load_dataset
 from retrain.evaluation import Metrics, evaluate
-from retrain.models import RunTrigger
 from retrain.pipeline import TrainingPipeline
 from retrain.runner import RetrainRunner
 from retrain.trainer import Trainer
@@ -63,7 +63,7 @@ def main() -> None:
         champion_seconds = time.monotonic() - started
         champion = registry.champion_version()
 
-        database = Database.from_settings(settings).start()
+        database = Database.from_settings(settings).upgrade()
         store = FeedbackStore(database, settings)
         store.import_labels(zip(corrections["text"], corrections["label"], strict=True), source="annotation")
         runner = RetrainRunner(settings, database, store, registry)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from feedback.models import FeedbackPublic
 from flywheel.errors import FlywheelError
+from flywheel.models.feedback import FeedbackPublic
 
 EXPORT_COLUMNS = (
     "text",

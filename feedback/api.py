@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from feedback.database import BackgroundDatabase, DatabaseError
-from feedback.models import FeedbackCreate, FeedbackPublic
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
 from flywheel.auth import api_key_guard
+from flywheel.database import BackgroundDatabase, DatabaseError
+from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings

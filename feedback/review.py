@@ -8,12 +8,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, exists
 from sqlmodel import col, select
 
-from feedback.database import Database
-from feedback.models import Feedback, FeedbackStatus, Prediction, PredictionPublic
+from flywheel.database import Database
 from flywheel.events import utcnow
+from flywheel.models.drift import DriftTarget
+from flywheel.models.feedback import Feedback, FeedbackStatus, Prediction, PredictionPublic
 from flywheel.settings import Settings
-from monitoring.models import DriftTarget
-from retrain.quality import dedupe_key
+from flywheel.text import dedupe_key
 
 #: How many candidates are read per requested item before near-duplicates are collapsed.
 SCAN_FACTOR = 20

@@ -11,9 +11,9 @@ from sqlalchemy import case, func
 from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 
-from feedback.database import Database
-from feedback.models import Feedback, FeedbackSource, FeedbackSourcePublic, Prediction
 from feedback.vetting import Vetter
+from flywheel.database import Database
+from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackSourcePublic, Prediction
 
 
 class SourceStats(FeedbackSourcePublic):

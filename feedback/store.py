@@ -15,8 +15,11 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from feedback.database import Database
-from feedback.models import (
+from feedback.vetting import Vetter, insert_for, quarantine
+from flywheel.database import Database
+from flywheel.errors import FlywheelError
+from flywheel.events import FeedbackEvent, PredictionEvent, new_id, utcnow
+from flywheel.models.feedback import (
     Feedback,
     FeedbackCreate,
     FeedbackPublic,
@@ -25,12 +28,9 @@ from feedback.models import (
     FeedbackStatus,
     Prediction,
     score_margin,
-    text_key,
 )
-from feedback.vetting import Vetter, insert_for, quarantine
-from flywheel.errors import FlywheelError
-from flywheel.events import FeedbackEvent, PredictionEvent, new_id, utcnow
 from flywheel.settings import Settings
+from flywheel.text import text_key
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +75,6 @@ class ImportResult(BaseModel):
     created: int = 0
     updated: int = 0
     unchanged: int = 0
-
-
-class TrainingLabel(BaseModel):
-    """An accepted label with its text and vetting flags, as retraining consumes it."""
-
-    feedback_id: str
-    text: str
-    label: str
-    source: str
-    created_at: datetime
-    label_quality: float | None
-    label_issue: bool
-    conflict: bool
 
 
 def prediction_row(event: PredictionEvent, now: datetime) -> dict[str, Any]:
@@ -366,40 +353,6 @@ class FeedbackStore:
                 self.vetter.vet(session, row, now)
                 count += 1
             return count
-
-    # What retraining reads and writes
-
-    def training_rows(self) -> list[TrainingLabel]:
-        """Accepted labels with their texts; retraining also decides how to treat the flags."""
-        with self.database.read_session() as session:
-            rows = session.exec(
-                select(Feedback)
-                .where(col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None))
-                .order_by(col(Feedback.created_at))
-            )
-            return [TrainingLabel.model_validate(row, from_attributes=True) for row in rows]
-
-    def mark_used(self, feedback_ids: Sequence[str], version: str) -> int:
-        """Record that model ``version`` was trained on these accepted labels; returns how many changed."""
-        changed = 0
-        with self.database.session() as session:
-            for start in range(0, len(feedback_ids), 500):
-                result = session.execute(
-                    update(Feedback)
-                    .where(
-                        col(Feedback.feedback_id).in_(list(feedback_ids[start : start + 500])),
-                        col(Feedback.status) == FeedbackStatus.ACCEPTED,
-                    )
-                    .values(
-                        status=FeedbackStatus.USED,
-                        used_by_version=version,
-                        status_reason=f"used to train {version}",
-                        updated_at=utcnow(),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                changed += int(getattr(result, "rowcount", 0) or 0)
-        return changed
 
     # Sources
 

@@ -20,9 +20,9 @@ from sqlalchemy import bindparam, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from feedback.database import UTCDateTime
-from feedback.models import Feedback, FeedbackSource, FeedbackStatus, Prediction
+from flywheel.database import UTCDateTime
 from flywheel.events import utcnow
+from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackStatus, Prediction
 from flywheel.settings import Settings
 
 logger = logging.getLogger(__name__)

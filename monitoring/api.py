@@ -14,17 +14,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from feedback.database import Database, DatabaseError
 from flywheel.auth import admin_guard
+from flywheel.database import Database, DatabaseError
 from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
+from flywheel.models.drift import DriftReportPublic, DriftTargetPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
 from monitoring.dashboard import index_page
 from monitoring.errors import MonitoringError
 from monitoring.metrics import drift_metrics
-from monitoring.models import DriftReportPublic, DriftTargetPublic
 from monitoring.reports import DriftSummary, ReportArchive
 from monitoring.store import DriftStore
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from monitoring.models import DriftReportPublic
+from flywheel.models.drift import DriftReportPublic
 
 VERDICT_COLOURS = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#8a8a8a"}
 WIDTH, HEIGHT = 920, 260

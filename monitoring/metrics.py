@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from monitoring.models import DriftReportBase
+from flywheel.models.drift import DriftReportBase
 
 #: Value of ``flywheel_drift_detected`` per verdict; insufficient data is neither drift nor its absence.
 VERDICT_VALUE = {"no_drift": 0.0, "drifted": 1.0, "insufficient_data": -1.0}

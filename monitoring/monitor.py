@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from feedback.database import Database
 from flywheel.classifier import Classifier
+from flywheel.database import Database
 from flywheel.events import DriftAlertEvent
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion

@@ -11,10 +11,10 @@ from pydantic import BaseModel
 from sklearn.isotonic import IsotonicRegression
 
 from flywheel.classifier import Classifier
+from flywheel.holdout import GoldenHoldout
 from flywheel.settings import Settings
 from flywheel.storage import atomic_write_text
 from monitoring.reference import predict_frame
-from retrain.holdout import GoldenHoldout
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import pandas as pd
 from sqlalchemy import delete
 from sqlmodel import col, func, select
 
-from feedback.database import Database
-from feedback.models import Feedback, FeedbackStatus, Prediction
+from flywheel.database import Database
+from flywheel.models.drift import DriftReport, DriftReportCreate, DriftReportPublic, DriftTarget, DriftTargetPublic
+from flywheel.models.feedback import Feedback, FeedbackStatus, Prediction
 from monitoring.errors import MonitoringError
-from monitoring.models import DriftReport, DriftReportCreate, DriftReportPublic, DriftTarget, DriftTargetPublic
 from monitoring.reports import DriftSummary
 
 

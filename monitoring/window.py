@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 import pandas as pd
 from sqlmodel import col, select
 
-from feedback.database import Database
-from feedback.models import Feedback, FeedbackStatus, Prediction
+from flywheel.database import Database
 from flywheel.events import utcnow
+from flywheel.models.feedback import Feedback, FeedbackStatus, Prediction
 
 #: Columns of a current-window frame; ``feedback_label`` holds accepted feedback or null.
 WINDOW_COLUMNS = ["prediction_id", "text", "predicted", "confidence", "model_version", "created_at", "feedback_label"]

@@ -6,13 +6,12 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
-from feedback.database import BackgroundDatabase, DatabaseError
-from feedback.store import FeedbackStore
 from flywheel.auth import admin_guard
+from flywheel.database import BackgroundDatabase, DatabaseError
+from flywheel.models.retrain import RetrainRunPublic, RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from retrain.models import RetrainRunPublic, RunTrigger
 from retrain.runner import RetrainRunner
 
 
@@ -30,7 +29,7 @@ def create_router(
             database = background.get()
         except DatabaseError as exc:
             raise HTTPException(503, str(exc)) from exc
-        return RetrainRunner(settings, database, FeedbackStore(database, settings), registry)
+        return RetrainRunner(settings, database, registry)
 
     @router.post("/retrain", status_code=202, dependencies=[Depends(admin_guard(settings))])
     def request_retrain() -> RetrainRunPublic:

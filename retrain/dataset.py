@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from feedback.store import TrainingLabel
+from flywheel.labels import TrainingLabel
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
-from retrain.quality import dedupe_key, normalize_text
+from flywheel.text import dedupe_key, normalize_text
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from datetime import timedelta
 from sqlalchemy import or_, update
 from sqlmodel import col
 
-from feedback.database import Database
+from flywheel.database import Database
 from flywheel.events import new_id, utcnow
-from retrain.models import RetrainLease
+from flywheel.models.retrain import RetrainLease
 
 logger = logging.getLogger(__name__)
 

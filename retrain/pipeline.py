@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from flywheel.errors import DatasetError
+from flywheel.holdout import GoldenHoldout, HoldoutInfo, content_hash, stratified_split
 from flywheel.registry import TRAINING_DATA_FILE, ModelCard, ModelRegistry, ModelVersion
 from flywheel.settings import Settings
+from flywheel.text import dedupe_key
 from retrain.evaluation import Metrics, evaluate
-from retrain.holdout import GoldenHoldout, HoldoutInfo, content_hash, stratified_split
-from retrain.quality import QualityPipeline, QualityReport, dedupe_key
+from retrain.quality import QualityPipeline, QualityReport
 from retrain.trainer import Trainer, TrainingResult
 
 logger = logging.getLogger(__name__)

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Iterable
 
 import pandas as pd
 from pydantic import BaseModel, Field
 
 from flywheel.errors import DatasetError
+from flywheel.text import dedupe_key, normalize_text
 
 EXAMPLES_PER_REASON = 3
-_CONTROL = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200b-\u200d\ufeff]")
-_SPACE = re.compile(r"\s+")
-_NON_WORD = re.compile(r"[^\w\s]")
 
 
 class DropReason(BaseModel):
@@ -45,18 +41,6 @@ class QualityReport(BaseModel):
         balance = ", ".join(f"{label}={count}" for label, count in self.class_balance.items())
         lines.append(f"  classes: {balance} (largest/smallest = {self.imbalance_ratio:.2f})")
         return "\n".join(lines)
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFKC, no control or zero-width characters, single spaces, stripped."""
-    text = unicodedata.normalize("NFKC", text)
-    text = _CONTROL.sub("", text)
-    return _SPACE.sub(" ", text).strip()
-
-
-def dedupe_key(text: str) -> str:
-    """Key under which texts count as the same: case, punctuation and spacing ignored."""
-    return _SPACE.sub(" ", _NON_WORD.sub(" ", normalize_text(text).casefold())).strip()
 
 
 class QualityPipeline:

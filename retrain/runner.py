@@ -7,21 +7,20 @@ import threading
 import time
 from typing import Any
 
-from sqlmodel import col, func, select
+from sqlmodel import col, select
 
-from feedback.database import Database
-from feedback.models import Feedback, FeedbackStatus
-from feedback.store import FeedbackStore
 from flywheel.classifier import Classifier
+from flywheel.database import Database
 from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
+from flywheel.labels import LabelLedger
+from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from retrain.dataset import RetrainData, assemble
 from retrain.evaluation import Metrics, evaluate
 from retrain.gate import GateScores, decide
 from retrain.lease import RetrainLock
-from retrain.models import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from retrain.pipeline import TrainingPipeline
 from retrain.trainer import Trainer
 
@@ -42,7 +41,6 @@ class RetrainRunner:
         self,
         settings: Settings,
         database: Database,
-        store: FeedbackStore,
         registry: ModelRegistry,
         *,
         stop: threading.Event | None = None,
@@ -50,7 +48,7 @@ class RetrainRunner:
     ) -> None:
         self.settings = settings
         self.database = database
-        self.store = store
+        self.labels = LabelLedger(database)
         self.registry = registry
         self.stop = stop or threading.Event()
         self.progress = progress
@@ -101,12 +99,7 @@ class RetrainRunner:
             ).first()
             if last is not None and (since is None or last > since):
                 since = last
-            query = select(func.count()).where(
-                col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None)
-            )
-            if since is not None:
-                query = query.where(col(Feedback.created_at) > since)
-            return int(session.exec(query).one())
+        return self.labels.count_new(since)
 
     # Execution
 
@@ -179,7 +172,7 @@ class RetrainRunner:
     def _execute(self, run_id: str) -> None:
         started = time.monotonic()
         champion = self.registry.champion_version()
-        labels = self.store.training_rows()
+        labels = self.labels.training_rows()
         data = assemble(champion, labels, self.settings, self.settings.seed)
         self._update(
             run_id,
@@ -216,7 +209,7 @@ class RetrainRunner:
         # PROMOTING first: if we die between the pointer swap and the next write, recovery can tell what happened.
         self._update(run_id, status=RunStatus.PROMOTING)
         self.registry.promote(challenger.version, reason=f"retrain run {run_id}")
-        self.store.mark_used(data.feedback_train_ids, challenger.version)
+        self.labels.mark_used(data.feedback_train_ids, challenger.version)
         self._finish(run_id, RunStatus.PROMOTED, decision.reason, started)
 
     def _train(self, champion: ModelVersion, data: RetrainData) -> ModelVersion:

@@ -53,6 +53,7 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> d
     env = {"FLYWHEEL_HOME": str(home), "FLYWHEEL_BASE_MODEL": str(tiny_base), **TINY_TRAINING_ENV}
     settings = Settings(**{k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items()})
     TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(synthetic_sentiment(400))
+    migrate(settings.resolved_database_url)
     return env
 
 
@@ -94,15 +95,23 @@ def synthetic_frame() -> pd.DataFrame:
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-@contextmanager
-def scratch_database_url(kind: str, directory: Path) -> Iterator[str]:
-    """URL of a fresh, empty database: a SQLite file in ``directory``, or a uniquely named PostgreSQL database.
+def migrate(url: str) -> None:
+    """Apply the migrations to ``url``, as ``flywheel db upgrade`` does before anything starts."""
+    from flywheel.database import Database
 
-    The PostgreSQL database is created on 127.0.0.1:5432 and dropped (connections and all) on exit. Tables appear
-    once something runs ``feedback.database.Database(url).start()``, which applies the migrations.
+    Database(url).upgrade().dispose()
+
+
+@contextmanager
+def scratch_database_url(kind: str, directory: Path, migrated: bool = True) -> Iterator[str]:
+    """URL of a fresh database, migrated unless ``migrated`` is false: a SQLite file in ``directory``, or a
+    uniquely named PostgreSQL database on 127.0.0.1:5432, dropped (connections and all) on exit.
     """
     if kind == "sqlite":
-        yield f"sqlite:///{directory / 'flywheel.db'}"
+        url = f"sqlite:///{directory / 'flywheel.db'}"
+        if migrated:
+            migrate(url)
+        yield url
         return
     import uuid
 
@@ -115,7 +124,10 @@ def scratch_database_url(kind: str, directory: Path) -> Iterator[str]:
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL for tests is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        if migrated:
+            migrate(url)
+        yield url
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -123,8 +135,8 @@ def scratch_database_url(kind: str, directory: Path) -> Iterator[str]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty Flywheel database on SQLite, then on PostgreSQL (see ``scratch_database_url``)."""
-    with scratch_database_url(request.param, tmp_path) as url:
+    """A fresh, empty (unmigrated) Flywheel database on SQLite, then on PostgreSQL (see ``scratch_database_url``)."""
+    with scratch_database_url(request.param, tmp_path, migrated=False) as url:
         yield url
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from feedback.database import Database
 from feedback.ingestion import PredictionIngestor
 from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
+from flywheel.database import Database
 from flywheel.events import PredictionEvent, new_id, utcnow
 from flywheel.settings import Settings
 from tests.conftest import free_port
@@ -62,7 +62,7 @@ def store_factory(database_url: str, tmp_path: Path) -> Iterator[Callable[..., F
     def build(**overrides: object) -> FeedbackStore:
         url = str(overrides.pop("database_url", database_url))
         settings = make_settings(tmp_path / "home", url, **overrides)
-        database = Database.from_settings(settings).start()
+        database = Database.from_settings(settings).upgrade()
         databases.append(database)
         return FeedbackStore(database, settings)
 

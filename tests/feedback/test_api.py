@@ -15,10 +15,10 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from feedback.database import Database
-from feedback.models import Prediction
 from flywheel.broker import EmbeddedBroker
+from flywheel.database import Database
 from flywheel.events import FeedbackEvent, Topic, new_id
+from flywheel.models.feedback import Prediction
 from tests.conftest import copy_home, read_topic, running_service, scratch_database_url
 from tests.feedback.conftest import TcpProxy, wait_until
 

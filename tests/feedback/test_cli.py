@@ -102,6 +102,12 @@ def test_untrusted_import_is_vetted_by_the_champion_then_reviewed(
 ) -> None:
     env = {**copy_home(trained_home, tmp_path / "home"), "FLYWHEEL_DATABASE_URL": f"sqlite:///{tmp_path}/f.db",
            "FLYWHEEL_KAFKA_BOOTSTRAP": "127.0.0.1:9"}
+    unmigrated = run(env, "feedback", "stats")
+    assert unmigrated.returncode == 2
+    assert unmigrated.stderr.strip().endswith("run `flywheel db upgrade` first"), unmigrated.stderr
+    upgraded = run(env, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "is at schema monitoring_0001" in upgraded.stdout
     crowd = tmp_path / "crowd.csv"
     crowd.write_text("text,label\ngood great excellent wonderful,negative\nbad awful terrible,negative\n")
     assert run(env, "feedback", "import", str(crowd), "--source", "crowd").returncode == 0

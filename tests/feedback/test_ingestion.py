@@ -12,10 +12,10 @@ from sqlalchemy import func
 from sqlalchemy.engine import make_url
 from sqlmodel import select
 
-from feedback.models import FeedbackCreate, FeedbackStatus, Prediction
 from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import DeadLetterEvent, Topic, encode, new_id
+from flywheel.models.feedback import FeedbackCreate, FeedbackStatus, Prediction
 from tests.conftest import read_topic
 from tests.feedback.conftest import TcpProxy, prediction, running_ingestor, wait_until
 

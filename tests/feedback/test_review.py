@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from feedback.models import FeedbackCreate
 from feedback.review import NearDuplicates, ReviewQueue
 from feedback.store import FeedbackStore, prediction_row
 from flywheel.events import utcnow
+from flywheel.models.feedback import FeedbackCreate
 from tests.feedback.conftest import prediction
 
 
@@ -45,7 +45,7 @@ def test_near_duplicates_need_the_similarity_threshold() -> None:
 
 
 def test_drift_targets_go_to_the_front_of_the_queue(store: FeedbackStore) -> None:
-    from monitoring.models import DriftTarget
+    from flywheel.models.drift import DriftTarget
 
     now = utcnow()
     crafted = {

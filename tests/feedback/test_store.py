@@ -11,10 +11,10 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from feedback.annotations import write_export
-from feedback.models import Feedback, FeedbackCreate, FeedbackStatus, Prediction
 from feedback.stats import feedback_stats
 from feedback.store import FeedbackStore, prediction_row
 from flywheel.events import new_id, utcnow
+from flywheel.models.feedback import Feedback, FeedbackCreate, FeedbackStatus, Prediction
 from tests.feedback.conftest import prediction
 
 

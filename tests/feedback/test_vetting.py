@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import pytest
 
-from feedback.models import FeedbackCreate, FeedbackStatus
 from feedback.ratelimit import RateLimiter
 from feedback.stats import feedback_stats
 from feedback.store import FeedbackStore, prediction_row
 from feedback.vetting import Vetter
 from flywheel.events import utcnow
+from flywheel.models.feedback import FeedbackCreate, FeedbackStatus
 from flywheel.settings import Settings
 from tests.feedback.conftest import prediction
 

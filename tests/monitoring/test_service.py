@@ -17,10 +17,10 @@ import httpx
 import pytest
 from sqlmodel import func, select
 
-from feedback.database import Database
-from feedback.models import Prediction
 from flywheel.broker import EmbeddedBroker
+from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, Topic
+from flywheel.models.feedback import Prediction
 from tests.conftest import copy_home, free_port, read_topic, running_service
 from tests.monitoring import browser
 from tests.monitoring.conftest import GERMAN_WORDS, word_sentences

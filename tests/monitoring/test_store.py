@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from feedback.database import Database
-from feedback.models import FeedbackCreate
 from feedback.store import FeedbackStore, prediction_row
+from flywheel.database import Database
 from flywheel.events import PredictionEvent, new_id, utcnow
+from flywheel.models.feedback import FeedbackCreate
 from flywheel.settings import Settings
 from monitoring.drift import Signal
 from monitoring.reports import DriftSummary, ReportArchive
@@ -24,7 +24,7 @@ from monitoring.window import WindowReader
 def store(database_url: str, tmp_path: Path) -> Iterator[FeedbackStore]:
     """A migrated feedback store on the test database."""
     settings = Settings.model_validate({"home": tmp_path / "home", "database_url": database_url})
-    database = Database(database_url).start()
+    database = Database(database_url).upgrade()
     yield FeedbackStore(database, settings)
     database.dispose()
 

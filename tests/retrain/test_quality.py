@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from flywheel.errors import DatasetError
+from flywheel.text import dedupe_key, normalize_text
 from retrain.data import load_dataset
-from retrain.quality import QualityPipeline, dedupe_key, normalize_text
+from retrain.quality import QualityPipeline
 
 
 def frame(rows: list[tuple[str, str]]) -> pd.DataFrame:

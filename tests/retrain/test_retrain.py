@@ -13,19 +13,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from feedback.database import Database
 from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.classifier import Classifier
+from flywheel.database import Database
 from flywheel.events import DriftAlertEvent
+from flywheel.models.retrain import RunStatus, RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from monitoring.schedule import JOB_ID as DRIFT_JOB_ID
 from retrain.lease import RetrainLock
-from retrain.models import RunStatus, RunTrigger
 from retrain.runner import RetrainRunner
-from retrain.worker import RetrainWorker
+from stack.worker import RetrainWorker
 from tests.conftest import copy_home, free_port
 from tests.support import product_reviews, synthetic_sentiment
 
@@ -46,15 +46,25 @@ def home_env(trained_home: dict[str, str], tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.fixture()
-def runner(home_env: dict[str, str]) -> Iterator[RetrainRunner]:
-    settings = Settings()
-    database = Database.from_settings(settings).start()
-    yield RetrainRunner(settings, database, FeedbackStore(database, settings), ModelRegistry(settings), progress=False)
+def database(home_env: dict[str, str]) -> Iterator[Database]:
+    database = Database.from_settings(Settings()).upgrade()
+    yield database
     database.dispose()
 
 
-def label(runner: RetrainRunner, rows: pd.DataFrame, source: str = "annotation") -> None:
-    result = runner.store.import_labels(zip(rows["text"], rows["label"], strict=True), source=source)
+@pytest.fixture()
+def runner(database: Database) -> RetrainRunner:
+    settings = Settings()
+    return RetrainRunner(settings, database, ModelRegistry(settings), progress=False)
+
+
+@pytest.fixture()
+def store(database: Database) -> FeedbackStore:
+    return FeedbackStore(database, Settings())
+
+
+def label(store: FeedbackStore, rows: pd.DataFrame, source: str = "annotation") -> None:
+    result = store.import_labels(zip(rows["text"], rows["label"], strict=True), source=source)
     assert result.created == len(rows)
 
 
@@ -64,12 +74,12 @@ def accuracy(version_dir: Path, rows: pd.DataFrame) -> float:
     return sum(p == t for p, t in zip(predicted, rows["label"], strict=True)) / len(rows)
 
 
-def test_corrections_teach_a_new_domain_and_the_gate_promotes(runner: RetrainRunner) -> None:
+def test_corrections_teach_a_new_domain_and_the_gate_promotes(runner: RetrainRunner, store: FeedbackStore) -> None:
     registry = runner.registry
     champion = registry.champion_version()
     unseen = product_reviews(60, seed=99)
     before = accuracy(champion.model_dir, unseen)
-    label(runner, product_reviews(160, seed=1))
+    label(store, product_reviews(160, seed=1))
     assert runner.new_labels() == 160
 
     run = runner.run(RunTrigger.MANUAL)
@@ -81,19 +91,21 @@ def test_corrections_teach_a_new_domain_and_the_gate_promotes(runner: RetrainRun
     assert run.challenger_metrics["feedback"]["macro_f1"] > run.champion_metrics["feedback"]["macro_f1"]
     after = accuracy(registry.champion_version().model_dir, unseen)
     assert after >= 0.8 and after > before + 0.2, (before, after)
-    used = [f for f in runner.store.export() if f.status == "used"]
+    used = [f for f in store.export() if f.status == "used"]
     assert len(used) == run.feedback_train_rows and {f.used_by_version for f in used} == {run.challenger_version}
     assert runner.new_labels() == 0
 
 
-def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(runner: RetrainRunner) -> None:
+def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(
+    runner: RetrainRunner, store: FeedbackStore,
+) -> None:
     champion = runner.registry.champion()
     # Texts like the training data, three in four labels flipped at random: following them costs holdout F1,
     # ignoring them gains nothing on the (equally poisoned) feedback slice; either way the gate says no.
     poisoned = synthetic_sentiment(80, seed=7)
     flip = poisoned.sample(frac=0.75, random_state=7).index
     poisoned.loc[flip, "label"] = poisoned.loc[flip, "label"].map({"positive": "negative", "negative": "positive"})
-    label(runner, poisoned)
+    label(store, poisoned)
 
     run = runner.run(RunTrigger.MANUAL)
 
@@ -101,18 +113,18 @@ def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(runne
     assert "golden holdout fell" in (run.reason or "") or "no gain" in (run.reason or "")
     assert runner.registry.champion() == champion
     assert run.challenger_version in {v.version for v in runner.registry.list()}
-    assert not [f for f in runner.store.export() if f.status == "used"]
+    assert not [f for f in store.export() if f.status == "used"]
 
 
-def test_too_little_feedback_is_skipped_with_a_reason(runner: RetrainRunner) -> None:
-    label(runner, product_reviews(6, seed=3))
+def test_too_little_feedback_is_skipped_with_a_reason(runner: RetrainRunner, store: FeedbackStore) -> None:
+    label(store, product_reviews(6, seed=3))
     run = runner.run(RunTrigger.SCHEDULE)
     assert run is not None and run.status == RunStatus.SKIPPED
     assert "not enough fresh feedback" in (run.reason or "")
 
 
 def test_only_one_holder_of_the_retrain_lock(database_url: str) -> None:
-    database = Database(database_url).start()
+    database = Database(database_url).upgrade()
     first, second = RetrainLock(database, 60), RetrainLock(database, 60)
     assert first.acquire()
     assert not second.acquire()
@@ -132,8 +144,10 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_two_retrains_started_together_run_once(runner: RetrainRunner, home_env: dict[str, str]) -> None:
-    label(runner, product_reviews(80, seed=1))
+def test_two_retrains_started_together_run_once(
+    runner: RetrainRunner, home_env: dict[str, str], store: FeedbackStore,
+) -> None:
+    label(store, product_reviews(80, seed=1))
     procs = [run_cli(home_env, "retrain", "now") for _ in range(2)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     codes = sorted(code for code, _, _ in results)
@@ -144,9 +158,9 @@ def test_two_retrains_started_together_run_once(runner: RetrainRunner, home_env:
 
 def test_a_killed_retrain_leaves_the_champion_and_the_next_run_succeeds(
     runner: RetrainRunner, home_env: dict[str, str]
-) -> None:
+, store: FeedbackStore) -> None:
     champion = runner.registry.champion()
-    label(runner, product_reviews(80, seed=1))
+    label(store, product_reviews(80, seed=1))
     slow = {**home_env, "FLYWHEEL_EPOCHS": "200", "FLYWHEEL_PATIENCE": "200", "FLYWHEEL_RETRAIN_LEASE_SECONDS": "2"}
     proc = run_cli(slow, "retrain", "now")
     deadline = time.monotonic() + 120
@@ -168,14 +182,16 @@ def test_a_killed_retrain_leaves_the_champion_and_the_next_run_succeeds(
     assert runner.registry.champion() == latest.challenger_version
 
 
-def test_worker_restart_keeps_its_schedule_and_finished_runs(runner: RetrainRunner, home_env: dict[str, str]) -> None:
+def test_worker_restart_keeps_its_schedule_and_finished_runs(
+    runner: RetrainRunner, home_env: dict[str, str], store: FeedbackStore,
+) -> None:
     settings = Settings(retrain_queue_poll_seconds=0.5)
     worker = RetrainWorker(settings)
     worker.start()
     try:
         assert worker.scheduler is not None
         planned = worker.scheduler.get_job("retrain-check").next_run_time
-        label(runner, product_reviews(80, seed=1))
+        label(store, product_reviews(80, seed=1))
         queued = runner.request(RunTrigger.API)
         deadline = time.monotonic() + 120
         while runner.get(queued.run_id).status not in {RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.FAILED}:

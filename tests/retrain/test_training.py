@@ -7,9 +7,9 @@ import pytest
 
 from flywheel.classifier import Classifier
 from flywheel.errors import DatasetError, RegistryError
+from flywheel.holdout import GoldenHoldout
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
-from retrain.holdout import GoldenHoldout
 from retrain.pipeline import TrainingPipeline
 from retrain.trainer import Trainer
 from tests.support import NEGATIVE_WORDS, POSITIVE_WORDS, synthetic_sentiment

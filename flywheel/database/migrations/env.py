@@ -10,9 +10,10 @@ from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 from sqlmodel.sql.sqltypes import AutoString
 
-from feedback.database import Database, UTCDateTime, import_models
+import flywheel.models  # noqa: F401  (every table on SQLModel.metadata)
+from flywheel.database.engine import Database
+from flywheel.database.types import UTCDateTime
 
-import_models()
 target_metadata = SQLModel.metadata
 config = context.config
 

@@ -17,7 +17,7 @@ from flywheel.broker import wait_for_port
 from flywheel.errors import FlywheelError
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
-from flywheel.supervisor import Supervisor
+from stack.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LocalStack:
             "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(self.settings.bentoml_home)),
             "PYTHONUNBUFFERED": "1",
         }
-        flywheel = [sys.executable, "-m", "flywheel"]
+        flywheel = [sys.executable, "-m", "stack"]
         try:
             if not self.external_kafka:
                 self.supervisor.add("broker", [*flywheel, "broker", "--port", str(self.broker_port)], env)

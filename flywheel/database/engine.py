@@ -1,32 +1,29 @@
-"""The Flywheel database: engine, sessions, readiness check, and Alembic migrations applied on start.
+"""The Flywheel database: one engine per process, sessions, a readiness check, and the schema version check.
 
-One database and one migration tree (``feedback/migrations``) serve every package. A package that
-needs tables keeps its SQLModel models in ``<package>/models.py``, adds that module to
-``MODEL_MODULES`` below (so Alembic autogenerate sees it), and adds a revision to
-``feedback/migrations/versions`` whose ``down_revision`` is the current head, named
-``<package>_<nnnn>_<what>.py`` with ``revision = "<package>_<nnnn>"``. Generate one with
-``alembic -c feedback/alembic.ini revision --autogenerate -m "..."`` and keep it working on SQLite
-(batch mode is on) and PostgreSQL. ``Database.start()`` applies every head, so two packages that
-branched from the same head still both migrate.
+One database and one migration tree (``flywheel/database/migrations``) serve every package; the tables are the
+SQLModel models in ``flywheel.models``. ``flywheel db upgrade`` (also run by ``flywheel up`` and compose's ``init``
+job) applies the migrations, once, before anything starts; every other process calls ``Database.start()``, which
+only checks that the schema is at head and names that command when it is not. To add a table, add its model to a
+module of ``flywheel.models`` and a revision to ``migrations/versions`` whose ``down_revision`` is the current head,
+named ``<package>_<nnnn>_<what>.py`` with ``revision = "<package>_<nnnn>"``; generate one with
+``alembic -c flywheel/database/alembic.ini revision --autogenerate -m "..."`` and keep it working on SQLite (batch
+mode is on) and PostgreSQL.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session
 
 from flywheel.errors import FlywheelError
@@ -36,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 ALEMBIC_INI = Path(__file__).parent / "alembic.ini"
-#: Modules whose SQLModel tables belong to the Flywheel database; missing ones are skipped.
-MODEL_MODULES = ("feedback.models", "monitoring.models", "retrain.models")
 #: How long a SQLite writer waits for another process's write lock; kept below the ingest consumer's poll
 #: interval so a locked database surfaces as a retryable error instead of silently stalling the consumer.
 SQLITE_BUSY_TIMEOUT_MS = 2000
@@ -47,37 +42,6 @@ _MIGRATION_LOCK_KEY = 0x464C5957
 
 class DatabaseError(FlywheelError):
     """The database cannot be reached or migrated."""
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timestamps stored in UTC and always read back timezone-aware, on SQLite and PostgreSQL alike."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: Flywheel stores only timezone-aware times")
-        value = value.astimezone(UTC)
-        # SQLite keeps no zone: store naive UTC so text comparison orders correctly.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def import_models() -> None:
-    """Import every package's table models so ``SQLModel.metadata`` knows all tables."""
-    for name in MODEL_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
 
 
 def normalize_url(url: str) -> str:
@@ -147,10 +111,39 @@ class Database:
         return engine
 
     def start(self) -> Database:
-        """Wait until the database answers, then apply all migrations; call once at startup."""
+        """Wait until the database answers and check that its schema is at head; call once at startup."""
+        self.wait_until_ready()
+        self.check_schema()
+        return self
+
+    def upgrade(self) -> Database:
+        """Wait until the database answers, then apply every migration (``flywheel db upgrade``)."""
         self.wait_until_ready()
         self.migrate()
         return self
+
+    def schema_revisions(self) -> tuple[set[str], set[str]]:
+        """The revisions the database is at, and the heads of the migration tree this code ships."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        heads = set(ScriptDirectory.from_config(self.alembic_config()).get_heads())
+        try:
+            with self.engine.connect() as connection:
+                current = set(MigrationContext.configure(connection).get_current_heads())
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot read the schema version of {self.display_url}: {_first_line(exc)}") from exc
+        return current, heads
+
+    def check_schema(self) -> None:
+        """DatabaseError naming ``flywheel db upgrade`` unless the schema is at this code's head."""
+        current, heads = self.schema_revisions()
+        if current != heads:
+            found = ", ".join(sorted(current)) or "no tables"
+            raise DatabaseError(
+                f"database {self.display_url} is at schema {found}, this Flywheel needs {', '.join(sorted(heads))}: "
+                "run `flywheel db upgrade` first"
+            )
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Retry ``SELECT 1`` until it succeeds or ``timeout`` seconds pass."""
@@ -227,56 +220,6 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
-
-
-class BackgroundDatabase:
-    """Opens (and migrates) the database in a thread, retrying with backoff, so a server starts while it is down.
-
-    HTTP routes call ``get()`` per request and answer 503 with its message until the database is ready.
-    """
-
-    def __init__(self, settings: Settings, pool_size: int = 10, max_delay: float = 30.0) -> None:
-        self.settings = settings
-        self.pool_size = pool_size
-        self.max_delay = max_delay
-        self.error = "still connecting"
-        self._database: Database | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._open, name="database-open", daemon=True)
-
-    def start(self) -> BackgroundDatabase:
-        """Begin opening; returns at once."""
-        self._thread.start()
-        return self
-
-    def get(self) -> Database:
-        """The started database, or DatabaseError saying why it is not available yet."""
-        if self._database is None:
-            raise DatabaseError(f"database is not available yet ({self.error}); retry shortly")
-        return self._database
-
-    def close(self) -> None:
-        """Stop retrying and close the pool."""
-        self._stop.set()
-        if self._database is not None:
-            self._database.dispose()
-
-    def _open(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            database = Database.from_settings(self.settings, pool_size=self.pool_size)
-            try:
-                database.start()
-            except DatabaseError as exc:
-                database.dispose()
-                self.error = str(exc)
-                logger.warning("database unavailable, retrying in %.0fs: %s", delay, exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.max_delay)
-                continue
-            self._database = database
-            logger.info("database ready at %s", database.display_url)
-            return
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -11,10 +10,9 @@ from pydantic import ConfigDict, computed_field, field_validator, model_validato
 from sqlalchemy import JSON, CheckConstraint, Index, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
-from feedback.database import UTCDateTime
+from flywheel.database.types import UTCDateTime
 from flywheel.errors import FlywheelError
 from flywheel.events import new_id, utcnow
-from retrain.quality import dedupe_key
 
 _SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/+-]*")
 
@@ -39,11 +37,6 @@ def check_source(name: str) -> str:
             f"invalid source {name[:70]!r}: use 1-64 letters, digits and _ . : @ / + -, starting with a letter or digit"
         )
     return name
-
-
-def text_key(value: str) -> str:
-    """Digest under which two texts count as the same (case, punctuation and spacing ignored)."""
-    return hashlib.sha1(dedupe_key(value).encode(), usedforsecurity=False).hexdigest()
 
 
 def score_margin(scores: dict[str, float]) -> float:

@@ -16,15 +16,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from feedback.database import Database
 from feedback.store import FeedbackStore
+from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
+from flywheel.models.retrain import RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from monitoring.monitor import DriftMonitor
 from monitoring.schedule import add_drift_job
-from retrain.models import RunTrigger
 from retrain.runner import RetrainRunner
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class RetrainWorker:
         self.stopping = threading.Event()
         self.database: Database | None = None
         self.runner: RetrainRunner | None = None
+        self.store: FeedbackStore | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.publisher: EventPublisher | None = None
         self._alerts: threading.Thread | None = None
@@ -66,9 +67,9 @@ class RetrainWorker:
         """Connect, migrate, recover dead runs, and start the scheduler and the alert listener."""
         global _active
         self.database = Database.from_settings(self.settings).start()
-        store = FeedbackStore(self.database, self.settings)
+        self.store = FeedbackStore(self.database, self.settings)
         self.runner = RetrainRunner(
-            self.settings, self.database, store, ModelRegistry(self.settings), stop=self.stopping, progress=False
+            self.settings, self.database, ModelRegistry(self.settings), stop=self.stopping, progress=False
         )
         if self.runner.lock.acquire():
             try:
@@ -130,7 +131,9 @@ class RetrainWorker:
 
     def housekeeping(self) -> None:
         """Reject feedback whose prediction never arrived."""
-        self._runner().store.expire_orphans()
+        if self.store is None:
+            raise RuntimeError("worker not started")
+        self.store.expire_orphans()
 
     def _runner(self) -> RetrainRunner:
         if self.runner is None:

@@ -1,4 +1,4 @@
-"""The Flywheel database: migrations on start, on SQLite and PostgreSQL, and a clear error when it is down."""
+"""The Flywheel database: migrations applied once by `upgrade`, a schema check on start, on SQLite and PostgreSQL, and a clear error when it is down."""
 
 from __future__ import annotations
 
@@ -12,31 +12,32 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-from feedback.database import Database, DatabaseError, import_models
-from feedback.models import Feedback
+import flywheel.models  # noqa: F401  (every table on SQLModel.metadata)
+from flywheel.database import Database, DatabaseError
+from flywheel.models.feedback import Feedback
 from tests.conftest import free_port
 
 TABLES = {"prediction", "feedback", "feedback_source"}
 
 
-def test_start_applies_migrations_that_match_the_models(database_url: str) -> None:
-    database = Database(database_url).start()
+def test_upgrade_applies_migrations_that_match_the_models(database_url: str) -> None:
+    database = Database(database_url).upgrade()
     try:
-        import_models()
         with database.engine.connect() as connection:
             assert set(inspect(connection).get_table_names()) >= TABLES
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, SQLModel.metadata) == []
             heads = set(ScriptDirectory.from_config(database.alembic_config()).get_heads())
             assert set(context.get_current_heads()) == heads
-        # A second start (another worker, a restart) is a no-op.
+        # Starting a process on the migrated database passes its schema check; a second upgrade is a no-op.
         database.start()
+        database.upgrade()
     finally:
         database.dispose()
 
 
 def test_migrations_downgrade_to_nothing_and_back(database_url: str) -> None:
-    database = Database(database_url).start()
+    database = Database(database_url).upgrade()
     try:
         database.downgrade("base")
         with database.engine.connect() as connection:
@@ -48,13 +49,28 @@ def test_migrations_downgrade_to_nothing_and_back(database_url: str) -> None:
         database.dispose()
 
 
-def test_concurrent_starts_migrate_once(database_url: str) -> None:
+def test_start_refuses_an_unmigrated_database_and_names_the_command(database_url: str) -> None:
+    database = Database(database_url)
+    try:
+        with pytest.raises(DatabaseError) as failure:
+            database.start()
+        assert "run `flywheel db upgrade` first" in str(failure.value)
+        assert "no tables" in str(failure.value)
+        database.upgrade()
+        database.downgrade("feedback_0001")
+        with pytest.raises(DatabaseError, match="is at schema feedback_0001"):
+            database.start()
+    finally:
+        database.dispose()
+
+
+def test_concurrent_upgrades_migrate_once(database_url: str) -> None:
     databases = [Database(database_url) for _ in range(3)]
     errors: list[BaseException] = []
 
     def start(database: Database) -> None:
         try:
-            database.start()
+            database.upgrade()
         except Exception as exc:  # noqa: BLE001 - collected for the assertion below
             errors.append(exc)
 
@@ -69,7 +85,7 @@ def test_concurrent_starts_migrate_once(database_url: str) -> None:
 
 
 def test_times_come_back_aware_in_utc(database_url: str) -> None:
-    database = Database(database_url).start()
+    database = Database(database_url).upgrade()
     created = datetime(2026, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
     try:
         with database.session() as session:

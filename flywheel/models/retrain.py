@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, String
 from sqlmodel import Field, SQLModel
 
-from feedback.database import UTCDateTime
+from flywheel.database.types import UTCDateTime
 from flywheel.events import new_id, utcnow
 
 

@@ -1,0 +1,188 @@
+"""Feedback commands: `flywheel ingest`, `flywheel feedback import|export|stats|review|resolve|vet|source`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flywheel.cli import console, load_settings
+from flywheel.errors import FlywheelError
+
+app = typer.Typer()
+feedback_app = typer.Typer(help="The feedback store: annotations in, labels out, statistics, review.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@app.command()
+def ingest(
+    group: Annotated[str | None, typer.Option(help="Consumer group (default FLYWHEEL_INGEST_GROUP_ID).")] = None,
+) -> None:
+    """Consume flywheel.predictions into the feedback store until Ctrl-C or SIGTERM."""
+    import signal
+
+    from feedback.ingestion import PredictionIngestor
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    ingestor = PredictionIngestor(store.settings, store, group_id=group)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: ingestor.stop())
+    try:
+        stats = ingestor.run()
+    finally:
+        store.database.dispose()
+    typer.echo(
+        f"ingest stopped: {stats.inserted} new predictions, {stats.duplicates} duplicates, "
+        f"{stats.dead_lettered} dead-lettered, {stats.joined} feedback joined"
+    )
+
+
+@feedback_app.command("import")
+def feedback_import(
+    file: Annotated[Path, typer.Argument(help="CSV or JSONL with text and label columns.")],
+    source: Annotated[str, typer.Option(help="Who labeled the file (see FLYWHEEL_FEEDBACK_TRUSTED_SOURCES).")] = (
+        "annotation"
+    ),
+) -> None:
+    """Import labeled texts from an annotation team; importing the same file again changes nothing."""
+    from feedback.annotations import read_annotations
+    from feedback.store import feedback_event, open_store
+    from flywheel.models.feedback import check_source
+    from flywheel.publisher import EventPublisher
+    from flywheel.registry import ModelRegistry
+
+    settings = load_settings()
+    check_source(source)
+    champion = ModelRegistry(settings).champion()
+    labels = ModelRegistry(settings).get(champion).card.labels if champion else None
+    annotations = read_annotations(file, settings.text_column, settings.label_column, labels, settings.max_text_chars)
+    if annotations.problems:
+        typer.echo(f"skipped {len(annotations.problems)} rows: {annotations.summary()}", err=True)
+    if not annotations.rows:
+        raise FlywheelError(f"{file} has no usable rows")
+    store = open_store(settings)
+    with EventPublisher(settings, name="import") as publisher:
+        result = store.import_labels(
+            annotations.rows, source, on_saved=lambda saved: publisher.publish(feedback_event(saved))
+        )
+    store.database.dispose()
+    typer.echo(f"imported {file.name} as {source!r}: {result.created} new, {result.updated} updated, "
+               f"{result.unchanged} unchanged")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    output: Annotated[Path | None, typer.Option(help="CSV file to write (default: standard output).")] = None,
+    status: Annotated[str | None, typer.Option(help="Only pending, accepted, rejected or used feedback.")] = None,
+) -> None:
+    """Write all feedback as CSV: text, label, source, status, then reasons, ids and vetting scores."""
+    from feedback.annotations import write_export
+    from feedback.store import open_store
+    from flywheel.models.feedback import FeedbackStatus
+
+    if status is not None and status not in set(FeedbackStatus):
+        raise FlywheelError(f"unknown status {status!r}: use one of {', '.join(FeedbackStatus)}")
+    store = open_store(load_settings())
+    rows = store.export(FeedbackStatus(status) if status else None)
+    try:
+        if output is None:
+            write_export(rows, sys.stdout)
+        else:
+            with output.open("w", encoding="utf-8", newline="") as handle:
+                count = write_export(rows, handle)
+            typer.echo(f"wrote {count} rows to {output}", err=True)
+    finally:
+        store.database.dispose()
+
+
+@feedback_app.command("stats")
+def feedback_stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Counts by status, label and source; label-error flags, conflicts, quarantines, model agreement."""
+    from feedback.stats import feedback_stats as compute
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    stats = compute(store.database, store.vetter)
+    store.database.dispose()
+    if as_json:
+        typer.echo(stats.model_dump_json(indent=2))
+    else:
+        console.print(stats.render())
+
+
+@feedback_app.command("review")
+def feedback_review(
+    limit: Annotated[int, typer.Option(help="How many to show.")] = 50,
+) -> None:
+    """Labels waiting for a reviewer (possible label errors, conflicts, quarantined sources), oldest first."""
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    table = Table("feedback_id", "source", "label", "model", "text", "why")
+    for row in store.pending(limit):
+        model = f"{row.model_label} {row.model_confidence:.2f}" if row.model_label and row.model_confidence else "-"
+        table.add_row(row.feedback_id, row.source, row.label, model, (row.text or "-")[:60], row.status_reason or "")
+    store.database.dispose()
+    console.print(table)
+
+
+@feedback_app.command("resolve")
+def feedback_resolve(
+    feedback_id: str,
+    accept: Annotated[bool, typer.Option("--accept/--reject", help="Accept or reject the label.")],
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "reviewed",
+) -> None:
+    """Record a reviewer's verdict on one label."""
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    row = store.resolve(feedback_id, accept, reason)
+    store.database.dispose()
+    typer.echo(f"{row.feedback_id}: {row.status.value}")
+
+
+@feedback_app.command("vet")
+def feedback_vet(
+    batch: Annotated[int, typer.Option(help="Texts scored per model call.")] = 256,
+) -> None:
+    """Score labels of new texts that no model has judged yet with the champion, then vet them."""
+    from feedback.store import open_store
+    from flywheel.classifier import Classifier
+    from flywheel.registry import ModelRegistry
+
+    settings = load_settings()
+    entry = ModelRegistry(settings).champion_version()
+    classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+    store = open_store(settings)
+    total = 0
+    while waiting := store.awaiting_evidence(batch):
+        probs = classifier.predict_proba([text for _, text in waiting]).probs
+        scores = {
+            feedback_id: {label: float(p) for label, p in zip(classifier.labels, row, strict=True)}
+            for (feedback_id, _), row in zip(waiting, probs, strict=True)
+        }
+        total += store.attach_evidence(entry.version, scores)
+    store.database.dispose()
+    typer.echo(f"vetted {total} labels against model {entry.version}")
+
+
+@feedback_app.command("source")
+def feedback_source(
+    name: str,
+    trust: Annotated[bool | None, typer.Option("--trust/--distrust", help="Accept its labels without vetting.")] = None,
+    release: Annotated[bool, typer.Option(help="Lift its quarantine.")] = False,
+) -> None:
+    """Show a feedback source; trust or distrust it, or release it from quarantine."""
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    source = store.set_source(name, trusted=trust, quarantined=False if release else None)
+    store.database.dispose()
+    typer.echo(source.model_dump_json(indent=2))

@@ -1,0 +1,82 @@
+"""The labels retraining may learn from, and the record that a model learned from them.
+
+Which feedback counts as trainable is one rule, kept here beside the tables: the ``feedback`` package writes
+labels, the ``retrain`` package reads them through this ledger, and neither imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlalchemy import ColumnElement, and_, func, update
+from sqlmodel import col, select
+
+from flywheel.database import Database
+from flywheel.events import utcnow
+from flywheel.models.feedback import Feedback, FeedbackStatus
+
+#: Ids per UPDATE statement when marking labels used (keeps parameter lists small on both databases).
+_CHUNK = 500
+
+
+class TrainingLabel(BaseModel):
+    """An accepted label with its text and vetting flags, as retraining consumes it."""
+
+    feedback_id: str
+    text: str
+    label: str
+    source: str
+    created_at: datetime
+    label_quality: float | None
+    label_issue: bool
+    conflict: bool
+
+
+def trainable() -> ColumnElement[bool]:
+    """Accepted labels whose text is known: what the next retrain may learn from."""
+    return and_(col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None))
+
+
+class LabelLedger:
+    """Reads trainable labels and marks the ones a model was trained on."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def training_rows(self) -> list[TrainingLabel]:
+        """Accepted labels with their texts, oldest first; retraining also decides how to treat the flags."""
+        with self.database.read_session() as session:
+            rows = session.exec(select(Feedback).where(trainable()).order_by(col(Feedback.created_at)))
+            return [TrainingLabel.model_validate(row, from_attributes=True) for row in rows]
+
+    def count_new(self, since: datetime | None) -> int:
+        """Trainable labels created after ``since`` (all of them when it is None)."""
+        query = select(func.count()).where(trainable())
+        if since is not None:
+            query = query.where(col(Feedback.created_at) > since)
+        with self.database.read_session() as session:
+            return int(session.exec(query).one())
+
+    def mark_used(self, feedback_ids: Sequence[str], version: str) -> int:
+        """Record that model ``version`` was trained on these accepted labels; returns how many changed."""
+        changed = 0
+        with self.database.session() as session:
+            for start in range(0, len(feedback_ids), _CHUNK):
+                result = session.execute(
+                    update(Feedback)
+                    .where(
+                        col(Feedback.feedback_id).in_(list(feedback_ids[start : start + _CHUNK])),
+                        col(Feedback.status) == FeedbackStatus.ACCEPTED,
+                    )
+                    .values(
+                        status=FeedbackStatus.USED,
+                        used_by_version=version,
+                        status_reason=f"used to train {version}",
+                        updated_at=utcnow(),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                changed += int(getattr(result, "rowcount", 0) or 0)
+        return changed

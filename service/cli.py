@@ -1,0 +1,47 @@
+"""``flywheel serve``: the BentoML service in the foreground."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flywheel.cli import load_settings
+from flywheel.errors import FlywheelError
+
+app = typer.Typer()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default FLYWHEEL_SERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default FLYWHEEL_SERVE_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default FLYWHEEL_SERVE_WORKERS).")] = None,
+) -> None:
+    """Serve the champion model over HTTP with BentoML until Ctrl-C; promoted models load without a restart."""
+    import importlib.util
+    import os
+
+    from flywheel.registry import ModelRegistry
+
+    settings = load_settings()
+    if ModelRegistry(settings).champion() is None:
+        typer.echo("warning: no champion model yet; /predict answers 503 until `flywheel train` promotes one", err=True)
+    spec = importlib.util.find_spec("service.service")
+    if spec is None or spec.origin is None:
+        raise FlywheelError("the `service` package is not importable; run from the Flywheel checkout")
+    env = dict(os.environ)
+    if workers is not None:
+        env["FLYWHEEL_SERVE_WORKERS"] = str(workers)
+    # Each server gets BentoML's state (model store, metrics files) under the Flywheel home, not ~/bentoml.
+    env.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    command = [
+        sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
+        "--working-dir", str(Path(spec.origin).parent.parent),
+        "--host", host or settings.serve_host,
+        "--port", str(port or settings.serve_port),
+    ]
+    os.execve(sys.executable, command, env)
