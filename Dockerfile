@@ -1,4 +1,4 @@
-# One image for every Flywheel component: `flywheel serve`, `flywheel ingest`, `flywheel worker`, `flywheel train`.
+# One image for every Flywheel component: `flywheel db upgrade`, `serve`, `ingest`, `worker`, `train`.
 #   docker build -t flywheel:latest .
 # On Linux x86_64, torch==2.13.0 from PyPI is the CUDA build: the same image serves on CPU and on GPU hosts.
 FROM python:3.11-slim
@@ -16,7 +16,7 @@ WORKDIR /app
 
 # Dependencies first, against empty packages, so a code change does not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN for package in flywheel service feedback retrain monitoring; do \
+RUN for package in flywheel service feedback retrain monitoring stack; do \
         mkdir -p "$package" && touch "$package/__init__.py"; \
     done \
     && pip install . \
@@ -28,6 +28,8 @@ COPY service ./service
 COPY feedback ./feedback
 COPY retrain ./retrain
 COPY monitoring ./monitoring
+# The composition root: the `flywheel` entry point (stack.cli:main) and the seed reviews `init` trains on.
+COPY stack ./stack
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 # FLYWHEEL_HOME is the shared state volume (registry pointer, model store, holdout, drift reports, spill files).

@@ -31,15 +31,16 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.classifier import Classifier
+from flywheel.http import wait_until_ready
 from flywheel.logs import configure_logging
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from service.service import CPU_FORWARD_BATCH, WORKER_ENV
+from service.service import WORKER_ENV
+from service.serving import CPU_FORWARD_BATCH
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,16 +173,9 @@ def service(home: Path, bootstrap: str, threads: int, log_predictions: bool) -> 
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"service did not start; see {log.name}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(
+            f"http://127.0.0.1:{port}", timeout=180, exited=process.poll, context=lambda: f"See {log.name}."
+        )
         yield Server("127.0.0.1", port, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -1,10 +1,11 @@
 """Feedback routes mounted on the service: ``POST /feedback``, ``GET /feedback/{id}``, ``GET /review``.
 
-The database is opened (and migrated) in a background thread, so predictions are served even while it is
-down; these routes answer 503 until it is reachable.
+The worker's one database is opened in the background, so predictions are served even while it is down; these
+routes get it through a FastAPI dependency, and the app answers 503 while it is unreachable.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads route signatures at run time, and their dependencies
+# are closures of `create_router`, which string annotations could not name.
 
 import asyncio
 import json
@@ -17,13 +18,14 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
 from flywheel.auth import api_key_guard
-from flywheel.database import BackgroundDatabase, DatabaseError
+from flywheel.database import BackgroundDatabase, Database
+from flywheel.errors import describe_validation_errors
+from flywheel.http import read_body
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
@@ -43,32 +45,6 @@ DB_THREADS = 4
 T = TypeVar("T")
 
 
-class _Backend:
-    """The store and review queue, built once the database is open."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.database = BackgroundDatabase(settings, pool_size=DB_THREADS).start()
-        self._parts: tuple[FeedbackStore, ReviewQueue] | None = None
-
-    def ready(self) -> tuple[FeedbackStore, ReviewQueue]:
-        if self._parts is None:
-            try:
-                database = self.database.get()
-            except DatabaseError as exc:
-                raise HTTPException(503, f"feedback store is not available yet: {exc}") from exc
-            self._parts = (FeedbackStore(database, self.settings), ReviewQueue(database, self.settings))
-        return self._parts
-
-
-def _problems(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error.get("loc", ())) or "body"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
 def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
     """A ``POST /feedback`` body, or HTTPException saying what is wrong with it."""
     if not body.strip():
@@ -84,7 +60,7 @@ def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
     try:
         create = FeedbackCreate.model_validate(data)
     except ValidationError as exc:
-        raise HTTPException(422, _problems(exc)) from exc
+        raise HTTPException(422, describe_validation_errors(exc.errors())) from exc
     if create.comment is not None and len(create.comment) > settings.feedback_max_comment_chars:
         raise HTTPException(
             422, f"comment is {len(create.comment)} characters; at most {settings.feedback_max_comment_chars} allowed"
@@ -95,11 +71,21 @@ def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
 
 
 def create_router(
-    settings: Settings, publisher: EventPublisher, serving: Callable[[], ModelVersion | None]
+    settings: Settings,
+    database: BackgroundDatabase,
+    publisher: EventPublisher,
+    serving: Callable[[], ModelVersion | None],
 ) -> APIRouter:
-    """The feedback routes for one service worker (see ``service.service`` for the contract)."""
-    backend = _Backend(settings)
+    """The feedback routes for one service worker (see ``service.app`` for the contract)."""
     executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="feedback-db")
+    parts: dict[int, tuple[FeedbackStore, ReviewQueue]] = {}
+
+    def store_and_queue(db: Annotated[Database, Depends(database.get)]) -> tuple[FeedbackStore, ReviewQueue]:
+        # Built once per opened database (there is one per process): the store prepares statements up front.
+        if id(db) not in parts:
+            parts[id(db)] = (FeedbackStore(db, settings), ReviewQueue(db, settings))
+        return parts[id(db)]
+
 
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, partial(function, *args))
@@ -132,9 +118,12 @@ def create_router(
             }
         },
     )
-    async def post_feedback(request: Request) -> JSONResponse:
+    async def post_feedback(
+        request: Request,
+        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
+    ) -> JSONResponse:
         """Correct a prediction (``prediction_id``) or label a new text (``text``); answers 202 with its id."""
-        body = await _read_body(request, body_limit)
+        body = await read_body(request, body_limit, "feedback")
         create = parse_feedback_body(body, settings)
         model = serving()
         if model is None:
@@ -152,49 +141,32 @@ def create_router(
                 f"retry in {wait:.0f}s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        store, _ = backend.ready()
-        try:
-            saved = await in_thread(store.submit, create)
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
+        store, _ = backend
+        saved = await in_thread(store.submit, create)
         publisher.publish(feedback_event(saved))
         return JSONResponse(saved.model_dump(mode="json"), status_code=202)
 
     @router.get(
         "/feedback/{feedback_id}", response_model=FeedbackPublic, responses={404: errors[404], 503: errors[503]}
     )
-    async def get_feedback(feedback_id: str) -> FeedbackPublic:
+    async def get_feedback(
+        feedback_id: str,
+        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
+    ) -> FeedbackPublic:
         """One piece of feedback with its current status, reason and vetting scores."""
-        store, _ = backend.ready()
+        store, _ = backend
         try:
             return await in_thread(store.get, feedback_id)
         except FeedbackNotFoundError as exc:
             raise HTTPException(404, str(exc)) from exc
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
 
     @router.get("/review", response_model=list[ReviewItem], responses={503: errors[503]})
     async def review(
+        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many predictions to return.")] = 20,
     ) -> list[ReviewItem]:
         """Unlabeled recent predictions most worth a label: least confident first, near-duplicates collapsed."""
-        _, queue = backend.ready()
-        try:
-            return await in_thread(queue.next, limit)
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, "feedback store is unreachable right now; retry shortly") from exc
+        _, queue = backend
+        return await in_thread(queue.next, limit)
 
     return router
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {declared} bytes is larger than any valid feedback ({limit} bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body is larger than any valid feedback ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -23,10 +23,13 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from feedback.store import FeedbackStore, InvalidPredictionError, prediction_row
 from flywheel.errors import FlywheelError
 from flywheel.events import DeadLetterEvent, EventDecodeError, PredictionEvent, Topic, decode, encode, utcnow
+from flywheel.kafka import kafka_consumer, kafka_producer
+from flywheel.retry import failure
 from flywheel.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -144,23 +147,16 @@ class PredictionIngestor:
         return self.stats
 
     def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
-        settings = self.settings
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+        consumer = kafka_consumer(
+            self.settings,
             group_id=self.group_id,
             client_id=f"flywheel-ingest-{socket.gethostname()}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=settings.ingest_batch_size,
-            # tansu holds a group join for the whole rebalance timeout, which is this value: keep it short.
-            max_poll_interval_ms=settings.ingest_max_poll_interval_ms,
-            session_timeout_ms=max(6000, settings.ingest_max_poll_interval_ms + 1000),
-            heartbeat_interval_ms=1000,
+            max_poll_records=self.settings.ingest_batch_size,
         )
         # Short blocking limits: while the broker is away the retry loop, not send(), should do the waiting.
-        producer = KafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5, max_block_ms=3000
-        )
+        producer = kafka_producer(self.settings, acks="all", linger_ms=5, max_block_ms=3000)
         return consumer, producer
 
     def _handle(self, consumer: KafkaConsumer, producer: KafkaProducer, records: dict[Any, list[Any]]) -> None:
@@ -240,26 +236,29 @@ class PredictionIngestor:
 
     def _with_retry(self, consumer: KafkaConsumer, action: Callable[[], T]) -> T:
         """Run ``action`` until it succeeds, pausing consumption while it fails transiently."""
-        delay = 0.2
-        paused = False
-        while True:
-            try:
-                result = action()
-            except TRANSIENT_ERRORS as exc:
-                self.stats.retries += 1
-                self.stats.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                self._retries.inc()
-                if not paused:
-                    logger.warning("pausing consumption, retrying the batch in hand: %s", self.stats.last_error)
-                    consumer.pause(*consumer.assignment())
-                    paused = True
-                self._idle(consumer, delay)
-                delay = min(delay * 2, self.settings.ingest_retry_max_seconds)
-                continue
-            if paused:
-                logger.info("resuming consumption after %d retries", self.stats.retries)
-                consumer.resume(*consumer.paused())
-            return result
+
+        def failed(state: RetryCallState) -> None:
+            exc = failure(state)
+            self.stats.retries += 1
+            self.stats.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._retries.inc()
+            if state.attempt_number == 1:
+                logger.warning("pausing consumption, retrying the batch in hand: %s", self.stats.last_error)
+                consumer.pause(*consumer.assignment())
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(TRANSIENT_ERRORS),
+            # 0.2 s, doubling up to ingest_retry_max_seconds, until it works or stop() is called.
+            wait=wait_exponential(multiplier=0.2, max=self.settings.ingest_retry_max_seconds),
+            # Waiting means polling, so the group keeps this member; it raises StoppedError on stop().
+            sleep=lambda seconds: self._idle(consumer, seconds),
+            before_sleep=failed,
+        )
+        result = retrying(action)
+        if retrying.statistics["attempt_number"] > 1:
+            logger.info("resuming consumption after %d retries", self.stats.retries)
+            consumer.resume(*consumer.paused())
+        return result
 
     def _idle(self, consumer: KafkaConsumer, seconds: float) -> None:
         """Wait while polling, so the group keeps this member; records of newly assigned partitions are put back."""

@@ -6,15 +6,15 @@ import contextlib
 import logging
 import socket
 import subprocess
-import time
 from collections.abc import Iterable
 
-from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from flywheel.errors import FlywheelError
 from flywheel.events import Topic
+from flywheel.kafka import kafka_admin
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class BrokerError(FlywheelError):
 def ensure_topics(bootstrap: str, topics: Iterable[str] = tuple(Topic), partitions: int = 1) -> None:
     """Create the topics that do not exist yet."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+        admin = kafka_admin(bootstrap)
     except KafkaError as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
@@ -43,15 +43,13 @@ def ensure_topics(bootstrap: str, topics: Iterable[str] = tuple(Topic), partitio
 
 def wait_for_port(host: str, port: int, timeout: float) -> None:
     """Block until ``host:port`` accepts TCP connections."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from exc
-            time.sleep(0.05)
+    retrying = Retrying(
+        retry=retry_if_exception_type(OSError), wait=wait_fixed(0.05), stop=stop_after_delay(timeout), reraise=True
+    )
+    try:
+        retrying(lambda: socket.create_connection((host, port), timeout=0.5).close())
+    except OSError as exc:
+        raise BrokerError(f"nothing listens on {host}:{port} after {timeout:.0f}s") from exc
 
 
 class EmbeddedBroker:

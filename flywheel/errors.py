@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class FlywheelError(Exception):
     """Base class of errors a user can act on."""
@@ -17,3 +20,17 @@ class RegistryError(FlywheelError):
 
 class TrainingError(FlywheelError):
     """Training could not start or finish."""
+
+
+def describe_validation_errors(errors: Iterable[Mapping[str, Any]], limit: int | None = None) -> str:
+    """Pydantic/FastAPI validation errors as one readable line: ``where: what; where: what``.
+
+    The one formatter behind every 422 and every rejected event, so clients see the same shape everywhere.
+    ``limit`` keeps only the first few problems (a dead-lettered event needs one, not hundreds).
+    """
+    problems = []
+    for error in errors:
+        # FastAPI prefixes body fields with "body"; the client only cares about the field itself.
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems[:limit])

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from uuid6 import uuid7
 
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, describe_validation_errors
 
 
 class Topic(StrEnum):
@@ -131,8 +131,6 @@ def decode(topic: str | Topic, payload: bytes) -> Event:
     try:
         return cls.model_validate_json(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
         raise EventDecodeError(
-            f"invalid {cls.__name__} ({exc.error_count()} errors): {where}: {first['msg']}"
+            f"invalid {cls.__name__} ({exc.error_count()} errors): {describe_validation_errors(exc.errors(), limit=1)}"
         ) from exc

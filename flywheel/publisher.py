@@ -9,23 +9,23 @@ replayed by the next publisher that starts. Past ``spill_max_bytes`` events are 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
 import itertools
 import logging
-import os
 import queue
-import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from flywheel.events import Event, Topic, encode, new_id
+from tenacity import Retrying, retry_if_result, wait_fixed
+
+from flywheel.events import Event
+from flywheel.kafka import event_producer, reachable, send_and_wait
+from flywheel.metrics import publisher_metrics
 from flywheel.settings import Settings
-from flywheel.storage import atomic_write_text
+from flywheel.spill import Backlog, Record
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
@@ -38,6 +38,10 @@ CHUNK = 1000
 ORPHAN_SCAN_SECONDS = 30.0
 #: Least time between two "dropping events" log lines, in seconds.
 DROP_LOG_SECONDS = 60.0
+
+
+class _StopWaitingError(Exception):
+    """A closing publisher has nothing left to deliver, or no time left: stop waiting to reconnect."""
 
 
 class PublisherState(StrEnum):
@@ -61,168 +65,6 @@ class PublisherStats:
     spill_bytes: int
 
 
-@dataclass(frozen=True)
-class _Record:
-    """One encoded event as sent to Kafka or stored in a spill file line."""
-
-    topic: str
-    key: bytes | None
-    payload: bytes
-
-    def line(self) -> bytes:
-        # Tab-separated; the JSON payload never contains a raw tab or newline.
-        return b"%s\t%s\t%s\n" % (self.topic.encode(), (self.key or b"").hex().encode(), self.payload)
-
-    @classmethod
-    def parse(cls, line: bytes) -> _Record:
-        topic, key, payload = line.split(b"\t", 2)
-        return cls(Topic(topic.decode()).value, bytes.fromhex(key.decode()) or None, payload)
-
-    @classmethod
-    def of(cls, event: Event) -> _Record:
-        return cls(event.topic.value, event.key(), encode(event))
-
-
-@dataclass(frozen=True)
-class _PublisherMetrics:
-    events: Any
-    spill_bytes: Any
-
-
-@functools.cache
-def _metrics() -> _PublisherMetrics:
-    # Created on first use, once per process: prometheus_client must see PROMETHEUS_MULTIPROC_DIR first.
-    from prometheus_client import Counter, Gauge
-
-    events = Counter(
-        "flywheel_kafka_events",
-        "Events by topic and outcome: sent (acknowledged by Kafka), spilled (written to disk), dropped.",
-        ["topic", "outcome"],
-    )
-    for topic in Topic:
-        for outcome in ("sent", "spilled", "dropped"):
-            # Export zeros from the start, so rate() and alerts see a series before the first failure.
-            events.labels(topic=topic.value, outcome=outcome)
-    return _PublisherMetrics(
-        events=events,
-        spill_bytes=Gauge(
-            "flywheel_kafka_spill_bytes", "Bytes waiting in spill files for replay.", multiprocess_mode="livesum"
-        ),
-    )
-
-
-class SpillFile:
-    """An append-only file of events plus how far it has been replayed; an exclusive lock marks its owner alive."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-        self.size = os.fstat(fd).st_size
-        self.offset = self._read_offset()
-
-    @classmethod
-    def create(cls, directory: Path, prefix: str) -> SpillFile:
-        """A new locked spill file; it only gets its final name once locked, so nobody adopts it by mistake."""
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"{prefix}-{new_id()}.spill"
-        tmp = directory / f".{name}.new"
-        fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(tmp, directory / name)
-        return cls(directory / name, fd)
-
-    @classmethod
-    def adopt(cls, path: Path) -> SpillFile | None:
-        """Take over the spill file of a process that died; None while its owner still holds the lock."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        if not path.exists():
-            # Another process adopted, replayed and removed it between our open and lock.
-            os.close(fd)
-            return None
-        return cls(path, fd)
-
-    @property
-    def _offset_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".offset")
-
-    def _read_offset(self) -> int:
-        try:
-            return min(int(self._offset_path.read_text()), self.size)
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    @property
-    def pending(self) -> int:
-        """Bytes not yet replayed."""
-        return self.size - self.offset
-
-    def append(self, data: bytes) -> None:
-        """Append whole lines."""
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self.size += len(data)
-
-    def read(self, max_records: int) -> tuple[list[tuple[int, _Record]], int, int]:
-        """Up to ``max_records`` records from the replay offset: (line offset, record) pairs, end offset, bad lines."""
-        size = 1 << 20
-        while True:
-            data = os.pread(self._fd, size, self.offset)
-            end = data.rfind(b"\n")
-            if end >= 0 or len(data) < size:
-                break
-            size *= 2
-        records: list[tuple[int, _Record]] = []
-        bad = 0
-        position = self.offset
-        for line in data[: end + 1].splitlines(keepends=True):
-            if len(records) == max_records:
-                break
-            try:
-                records.append((position, _Record.parse(line.rstrip(b"\n"))))
-            except ValueError:
-                bad += 1
-            position += len(line)
-        if end < 0 and data and self.offset + len(data) == self.size:
-            # A torn last line, from a process killed mid-write: nothing can be recovered from it.
-            bad += 1
-            position = self.size
-        return records, position, bad
-
-    def advance(self, offset: int) -> None:
-        """Mark everything before ``offset`` as delivered, durably."""
-        self.offset = offset
-        atomic_write_text(self._offset_path, str(offset))
-
-    def reset(self) -> None:
-        """Empty the fully replayed file so it can take new events."""
-        os.ftruncate(self._fd, 0)
-        self.size = self.offset = 0
-        self._offset_path.unlink(missing_ok=True)
-
-    def remove(self) -> None:
-        """Delete the file and release it."""
-        self.path.unlink(missing_ok=True)
-        self._offset_path.unlink(missing_ok=True)
-        self.close()
-
-    def close(self) -> None:
-        """Release the lock, leaving the file for another process to adopt."""
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-
-
 class EventPublisher:
     """Publishes any ``flywheel.events.Event`` to its topic without ever blocking the caller."""
 
@@ -237,17 +79,15 @@ class EventPublisher:
         self._thread: threading.Thread | None = None
         self._producer: KafkaProducer | None = None
         self._state = PublisherState.STARTING
-        self._own: SpillFile | None = None
-        self._orphans: list[SpillFile] = []
-        self._delivered: set[tuple[str, int]] = set()
+        self._backlog = Backlog(self.directory, name, settings.spill_max_bytes)
         #: Records handed to the producer and not yet acknowledged or failed, by send number.
-        self._pending: dict[int, _Record] = {}
+        self._pending: dict[int, Record] = {}
         self._sends = itertools.count()
-        self._held: list[_Record] = []
+        self._held: list[Record] = []
         self._sent = self._spilled = self._dropped = 0
         self._last_drop_log = 0.0
         self._drops_since_log = 0
-        self._metrics = _metrics()
+        self._metrics = publisher_metrics()
 
     # Public API
 
@@ -266,7 +106,7 @@ class EventPublisher:
                 return
             except queue.Full:
                 pass
-        self._spill([_Record.of(event)])
+        self._spill([Record.of(event)])
 
     @property
     def state(self) -> PublisherState:
@@ -286,7 +126,7 @@ class EventPublisher:
             spilled=self._spilled,
             dropped=self._dropped,
             queued=self._queue.qsize() + len(self._pending) + len(self._held),
-            spill_bytes=self._backlog_bytes(),
+            spill_bytes=self._backlog.pending,
         )
 
     def close(self, timeout: float = 10.0) -> None:
@@ -309,7 +149,7 @@ class EventPublisher:
         leftovers = []
         while True:
             try:
-                leftovers.append(_Record.of(self._queue.get_nowait()))
+                leftovers.append(Record.of(self._queue.get_nowait()))
             except queue.Empty:
                 break
         self._set_state(PublisherState.CLOSED)
@@ -317,13 +157,7 @@ class EventPublisher:
         self._spill([*stranded, *self._held, *leftovers])
         self._held = []
         with self._lock:
-            for spill in [*self._orphans, *([self._own] if self._own else [])]:
-                if spill.pending == 0:
-                    spill.remove()
-                else:
-                    spill.close()
-            self._orphans.clear()
-            self._own = None
+            self._backlog.close()
 
     def __enter__(self) -> EventPublisher:
         return self.start()
@@ -337,22 +171,20 @@ class EventPublisher:
         from kafka.errors import KafkaError
 
         self._adopt_orphans()
-        next_attempt = next_scan = 0.0
+        next_scan = 0.0
         while True:
-            closing = self._closing.is_set()
             if self._state is not PublisherState.CONNECTED and not self._pending:
                 if self._held:
                     # Sends in flight at the outage have failed and been spilled; what waited goes after them.
                     self._spill(self._held)
                     self._held = []
-                if time.monotonic() >= next_attempt:
-                    progressed = self._replay_step()
-                    next_attempt = 0.0 if progressed else time.monotonic() + self.settings.kafka_retry_interval
-                    if not progressed and closing:
-                        break
-            replaying = self._state is not PublisherState.CONNECTED and next_attempt == 0.0
+                if not self._reconnect():
+                    break
+            closing = self._closing.is_set()
+            # Mid-replay the next chunk goes at once; while sends of an outage are unsettled, waiting is enough.
+            replaying = self._state is not PublisherState.CONNECTED and not self._pending
             events = self._take(timeout=0.0 if replaying else 0.05 if closing else 0.2)
-            records = [_Record.of(event) for event in events]
+            records = [Record.of(event) for event in events]
             if self._state is PublisherState.CONNECTED:
                 # Connected implies an empty backlog: spilling or adopting a file switches the state first.
                 self._send_async(records)
@@ -367,9 +199,35 @@ class EventPublisher:
                 if self._producer is not None and self._pending:
                     with contextlib.suppress(KafkaError):
                         self._producer.flush(timeout=max(0.0, self._close_deadline - time.monotonic()))
-                settled = not self._pending and not self._held and not self._has_backlog()
-                if settled or time.monotonic() > self._close_deadline:
+                if self._settled() or time.monotonic() > self._close_deadline:
                     break
+
+    def _reconnect(self) -> bool:
+        """Replay a chunk of the backlog, retrying every ``kafka_retry_interval``; False once a closing one gives up."""
+        retrying = Retrying(
+            retry=retry_if_result(lambda progressed: not progressed),
+            wait=wait_fixed(self.settings.kafka_retry_interval),
+            # Closing stops at the first failed attempt: what is left stays on disk for the next process.
+            stop=lambda _: self._closing.is_set(),
+            sleep=self._spill_while_waiting,
+            retry_error_callback=lambda _: False,
+        )
+        try:
+            return retrying(self._replay_step)
+        except _StopWaitingError:
+            return False
+
+    def _spill_while_waiting(self, seconds: float) -> None:
+        """The wait between reconnect attempts: new events go on disk meanwhile, behind the backlog."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            closing = self._closing.is_set()
+            self._spill([Record.of(event) for event in self._take(timeout=min(remaining, 0.05 if closing else 0.2))])
+            if closing and self._queue.empty() and (self._settled() or time.monotonic() > self._close_deadline):
+                raise _StopWaitingError
+
+    def _settled(self) -> bool:
+        return not self._pending and not self._held and not self._backlog.has_pending()
 
     def _take(self, timeout: float) -> list[Event]:
         try:
@@ -383,7 +241,7 @@ class EventPublisher:
                 break
         return events
 
-    def _send_async(self, records: list[_Record]) -> None:
+    def _send_async(self, records: list[Record]) -> None:
         """Hand records to the producer; acknowledgements and failures arrive in callbacks."""
         from kafka.errors import KafkaError
 
@@ -430,29 +288,14 @@ class EventPublisher:
             )
             self._set_state(PublisherState.SPILLING)
 
-    def _send(self, records: list[_Record]) -> list[bool]:
+    def _send(self, records: list[Record]) -> list[bool]:
         """Send and wait for the acknowledgements; one flag per record."""
-        from kafka.errors import KafkaError
-
         assert self._producer is not None
-        futures = []
-        for record in records:
-            try:
-                futures.append(self._producer.send(record.topic, value=record.payload, key=record.key))
-            except KafkaError:
-                break
-        with contextlib.suppress(KafkaError):
-            self._producer.flush(timeout=self.settings.kafka_timeout + 5)
-        ok = [future.is_done and future.succeeded() for future in futures]
-        ok += [False] * (len(records) - len(ok))
-        counts: dict[str, int] = {}
-        for record, flag in zip(records, ok, strict=True):
-            if flag:
-                counts[record.topic] = counts.get(record.topic, 0) + 1
-        for topic, count in counts.items():
-            self._metrics.events.labels(topic=topic, outcome="sent").inc(count)
-            with self._lock:
-                self._sent += count
+        ok = send_and_wait(self._producer, records, timeout=self.settings.kafka_timeout + 5)
+        sent = Counter(record.topic for record, flag in zip(records, ok, strict=True) if flag)
+        self._metrics.count("sent", sent)
+        with self._lock:
+            self._sent += sum(sent.values())
         return ok
 
     def _replay_step(self) -> bool:
@@ -467,61 +310,34 @@ class EventPublisher:
                 self._set_state(PublisherState.SPILLING)
             return False
         with self._lock:
-            if not self._has_backlog():
-                if self._own is not None and self._own.size:
-                    self._own.reset()
+            if not self._backlog.has_pending():
+                self._backlog.drained()
                 if self._state is not PublisherState.CONNECTED:
                     logger.info("Kafka at %s is reachable; publishing directly", self.settings.kafka_bootstrap)
                 self._set_state(PublisherState.CONNECTED)
                 self._update_spill_gauge()
                 return True
-            source = self._orphans[0] if self._orphans else self._own
+            source = self._backlog.next_source()
         assert source is not None
-        lines, end, bad = source.read(CHUNK)
-        if bad:
-            logger.warning("skipped %d unreadable lines in %s", bad, source.path)
-        todo = [(pos, rec) for pos, rec in lines if (str(source.path), pos) not in self._delivered]
+        todo, end = self._backlog.read(source, CHUNK)
         delivered = self._send([rec for _, rec in todo])
         if not all(delivered):
-            # Remember what got through so the retry does not send it twice.
-            self._delivered.update((str(source.path), pos) for (pos, _), ok in zip(todo, delivered, strict=True) if ok)
+            self._backlog.delivered(source, [pos for (pos, _), ok in zip(todo, delivered, strict=True) if ok])
             self._drop_producer()
             return False
         with self._lock:
-            source.advance(end)
-            self._delivered.clear()
-            if source is not self._own and source.pending == 0:
-                logger.info("replayed spill file %s of a previous process", source.path.name)
-                source.remove()
-                self._orphans.remove(source)
+            self._backlog.replayed(source, end)
             self._update_spill_gauge()
         return True
 
     def _connect(self) -> bool:
-        from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        if not self._reachable():
+        if not reachable(self.settings.kafka_bootstrap):
             return False
         if self._producer is None:
-            timeout_ms = int(self.settings.kafka_timeout * 1000)
             try:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.settings.kafka_bootstrap.split(","),
-                    client_id=f"flywheel-{self.name}",
-                    acks="all",
-                    # Idempotence needs a producer id that a restarted broker no longer knows, which kafka-python
-                    # treats as fatal; duplicates are avoided here instead (acks, one request in flight, replay ids).
-                    enable_idempotence=False,
-                    max_in_flight_requests_per_connection=1,
-                    # Batching ~0.1 s of events per produce request keeps the client's CPU cost per event low.
-                    linger_ms=100,
-                    # send() runs on this thread only; a short block keeps an outage from stalling the queue.
-                    max_block_ms=1000,
-                    request_timeout_ms=max(1000, timeout_ms // 2),
-                    delivery_timeout_ms=timeout_ms,
-                    reconnect_backoff_max_ms=1000,
-                )
+                self._producer = event_producer(self.settings, client_id=f"flywheel-{self.name}")
             except KafkaError as exc:
                 logger.warning("cannot connect to Kafka at %s: %s", self.settings.kafka_bootstrap, exc)
                 return False
@@ -533,51 +349,23 @@ class EventPublisher:
             self._producer.close(timeout=0)
             self._producer = None
 
-    def _reachable(self) -> bool:
-        for server in self.settings.kafka_bootstrap.split(","):
-            host, _, port = server.strip().rpartition(":")
-            try:
-                socket.create_connection((host or "localhost", int(port)), timeout=1.0).close()
-                return True
-            except (OSError, ValueError):
-                continue
-        return False
-
     # Spill files
 
-    def _spill(self, records: list[_Record]) -> None:
+    def _spill(self, records: list[Record]) -> None:
         if not records:
             return
-        cap = self.settings.spill_max_bytes
         with self._lock:
-            if self._own is None:
-                self._own = SpillFile.create(self.directory, self.name)
-            lines: list[bytes] = []
-            size = self._own.size
-            dropped: dict[str, int] = {}
-            spilled: dict[str, int] = {}
-            for record in records:
-                line = record.line()
-                if size + len(line) > cap:
-                    dropped[record.topic] = dropped.get(record.topic, 0) + 1
-                    continue
-                lines.append(line)
-                size += len(line)
-                spilled[record.topic] = spilled.get(record.topic, 0) + 1
-            if lines:
-                self._own.append(b"".join(lines))
+            spilled, dropped = self._backlog.append(records)
             if self._state is PublisherState.CONNECTED:
                 self._state = PublisherState.SPILLING
             self._spilled += sum(spilled.values())
             self._update_spill_gauge()
-        for topic, count in spilled.items():
-            self._metrics.events.labels(topic=topic, outcome="spilled").inc(count)
+        self._metrics.count("spilled", spilled)
         if dropped:
             self._count_drops(dropped)
 
     def _count_drops(self, dropped: dict[str, int]) -> None:
-        for topic, count in dropped.items():
-            self._metrics.events.labels(topic=topic, outcome="dropped").inc(count)
+        self._metrics.count("dropped", dropped)
         with self._lock:
             self._dropped += sum(dropped.values())
             self._drops_since_log += sum(dropped.values())
@@ -594,31 +382,17 @@ class EventPublisher:
         )
 
     def _adopt_orphans(self) -> None:
-        known = {spill.path for spill in self._orphans} | ({self._own.path} if self._own else set())
-        for path in sorted(self.directory.glob("*.spill")):
-            if path in known:
-                continue
-            spill = SpillFile.adopt(path)
-            if spill is None:
-                continue
-            if spill.pending == 0:
-                spill.remove()
-                continue
-            logger.info("adopted spill file %s with %d bytes to replay", path.name, spill.pending)
-            with self._lock:
-                self._orphans.append(spill)
-                if self._state is PublisherState.CONNECTED:
-                    self._state = PublisherState.SPILLING
-                self._update_spill_gauge()
-
-    def _has_backlog(self) -> bool:
-        return bool(self._orphans) or (self._own is not None and self._own.pending > 0)
-
-    def _backlog_bytes(self) -> int:
-        return sum(s.pending for s in self._orphans) + (self._own.pending if self._own else 0)
+        found = self._backlog.find_orphans()
+        if not found:
+            return
+        with self._lock:
+            self._backlog.orphans.extend(found)
+            if self._state is PublisherState.CONNECTED:
+                self._state = PublisherState.SPILLING
+            self._update_spill_gauge()
 
     def _update_spill_gauge(self) -> None:
-        self._metrics.spill_bytes.set(self._backlog_bytes())
+        self._metrics.spill_bytes.set(self._backlog.pending)
 
     def _set_state(self, state: PublisherState) -> None:
         self._state = state

@@ -1,10 +1,10 @@
 """Drift routes mounted on the service: the index page, reports (HTML and JSON), targets, and ``POST /drift/run``."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads route signatures at run time, and their dependencies
+# are closures of `create_router`, which string annotations could not name.
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from flywheel.auth import admin_guard
-from flywheel.database import Database, DatabaseError
+from flywheel.database import BackgroundDatabase, Database, DatabaseError
 from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
 from flywheel.models.drift import DriftReportPublic, DriftTargetPublic
@@ -38,69 +38,48 @@ GAUGE_REFRESH_SECONDS = 30.0
 MAX_LIMIT = 500
 
 
-class _Backend:
-    """Opens the database in the background, then keeps the drift gauges in step with the newest report."""
+class _Gauges:
+    """Keeps the drift gauges in step with the newest indexed report (a daemon thread, every 30 s)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.database: Database | None = None
-        self.store: DriftStore | None = None
-        self.error = "starting"
-        threading.Thread(target=self._open, name="drift-db", daemon=True).start()
+    def __init__(self, database: BackgroundDatabase) -> None:
+        self.database = database
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="drift-gauges", daemon=True).start()
 
-    def _open(self) -> None:
-        delay = 1.0
-        while self.store is None:
-            database = Database.from_settings(self.settings, pool_size=4)
-            try:
-                database.start()
-            except DatabaseError as exc:
-                self.error = str(exc)
-                logger.warning("drift index unavailable, retrying in %.0fs: %s", delay, exc)
-                database.dispose()
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            self.database = database
-            self.store = DriftStore(database)
-        while True:
-            self.refresh_gauges()
-            time.sleep(GAUGE_REFRESH_SECONDS)
+    def _run(self) -> None:
+        while not self._stop.wait(GAUGE_REFRESH_SECONDS):
+            self.refresh()
 
-    def refresh_gauges(self) -> DriftReportPublic | None:
-        """Set the gauges from the newest report; returns it."""
-        if self.store is None:
-            return None
+    def refresh(self) -> DriftReportPublic | None:
+        """Set the gauges from the newest report; returns it (None when there is none or the database is away)."""
         try:
-            latest = self.store.latest()
-        except (OperationalError, InterfaceError) as exc:
+            latest = DriftStore(self.database.get()).latest()
+        except (DatabaseError, OperationalError, InterfaceError) as exc:
             logger.warning("cannot read the newest drift report: %s", exc)
             return None
         if latest is not None:
             drift_metrics().observe(latest)
         return latest
 
-    def ready(self) -> DriftStore:
-        if self.store is None:
-            raise HTTPException(503, f"drift index is not available yet ({self.error}); retry shortly")
-        return self.store
+    def stop(self) -> None:
+        """Stop refreshing."""
+        self._stop.set()
 
 
 class _Runs:
     """At most one in-process drift run at a time, started by ``POST /drift/run``."""
 
-    def __init__(self, settings: Settings, publisher: EventPublisher, backend: _Backend) -> None:
+    def __init__(self, settings: Settings, publisher: EventPublisher, database: BackgroundDatabase) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.backend = backend
+        self.database = database
         self.lock = threading.Lock()
         self.started_at: datetime | None = None
         self.last_error: str | None = None
         self._monitor: DriftMonitor | None = None
 
     def start(self) -> dict[str, Any]:
-        if self.backend.database is None:
-            raise HTTPException(503, f"drift index is not available yet ({self.backend.error}); retry shortly")
+        self.database.get()  # DatabaseError (503) before a thread starts, while the database is not open
         if not self.lock.acquire(blocking=False):
             raise HTTPException(
                 409, f"a drift report is already running (started {self.started_at:%H:%M:%S} UTC); poll /drift/latest"
@@ -115,7 +94,7 @@ class _Runs:
             from monitoring.monitor import DriftMonitor
 
             if self._monitor is None:
-                self._monitor = DriftMonitor(self.settings, database=self.backend.database, publisher=self.publisher)
+                self._monitor = DriftMonitor(self.settings, database=self.database.get(), publisher=self.publisher)
             self._monitor.run()
             self.last_error = None
         except FlywheelError as exc:
@@ -129,14 +108,20 @@ class _Runs:
 
 
 def create_router(
-    settings: Settings, publisher: EventPublisher, serving: Callable[[], ModelVersion | None]
+    settings: Settings,
+    database: BackgroundDatabase,
+    publisher: EventPublisher,
+    serving: Callable[[], ModelVersion | None],
 ) -> APIRouter:
-    """The drift routes for one service worker (see ``service.service`` for the contract)."""
-    backend = _Backend(settings)
+    """The drift routes for one service worker (see ``service.app`` for the contract)."""
+    gauges = _Gauges(database)
     archive = ReportArchive(settings.home)
-    runs = _Runs(settings, publisher, backend)
+    runs = _Runs(settings, publisher, database)
     router = APIRouter(tags=["drift"])
-    unreachable = "drift index is unreachable right now; retry shortly"
+
+    def drift_store(db: Annotated[Database, Depends(database.get)]) -> DriftStore:
+        return DriftStore(db)
+
 
     def summary_of(report_id: str) -> DriftSummary:
         try:
@@ -146,28 +131,22 @@ def create_router(
 
     @router.get("/drift", response_class=HTMLResponse)
     async def drift_index(
+        store: Annotated[DriftStore, Depends(drift_store)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many runs to list and plot.")] = 200,
     ) -> HTMLResponse:
         """Page for people: every run with its verdict, and the drift score over time."""
-        store = backend.ready()
-        try:
-            reports = await run_in_threadpool(store.recent, limit)
-            total = await run_in_threadpool(store.count)
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, unreachable) from exc
+        reports = await run_in_threadpool(store.recent, limit)
+        total = await run_in_threadpool(store.count)
         return HTMLResponse(index_page(reports, total))
 
     @router.get("/drift/reports", response_model=list[DriftReportPublic])
     async def drift_reports(
+        store: Annotated[DriftStore, Depends(drift_store)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many reports, newest first.")] = 50,
         offset: Annotated[int, Query(ge=0, description="Reports to skip.")] = 0,
     ) -> list[DriftReportPublic]:
         """Drift runs, newest first: window, row counts, model version, scores, verdict, duration."""
-        store = backend.ready()
-        try:
-            return await run_in_threadpool(store.recent, limit, offset)
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, unreachable) from exc
+        return await run_in_threadpool(store.recent, limit, offset)
 
     @router.get("/drift/reports/{report_id}", response_class=FileResponse, responses={404: {"description": "None."}})
     async def drift_report_html(report_id: str) -> FileResponse:
@@ -184,24 +163,21 @@ def create_router(
         return summary_of(report_id)
 
     @router.get("/drift/latest", response_model=DriftSummary, responses={404: {"description": "No report yet."}})
-    async def drift_latest() -> DriftSummary:
+    async def drift_latest(store: Annotated[DriftStore, Depends(drift_store)]) -> DriftSummary:
         """The newest run's JSON summary."""
-        backend.ready()
-        latest = await run_in_threadpool(backend.refresh_gauges)
+        latest = await run_in_threadpool(store.latest)
         if latest is None:
             raise HTTPException(404, "no drift report yet: run `flywheel drift run` or POST /drift/run")
+        drift_metrics().observe(latest)
         return summary_of(latest.report_id)
 
     @router.get("/drift/targets", response_model=list[DriftTargetPublic])
     async def drift_targets(
+        store: Annotated[DriftStore, Depends(drift_store)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many predictions.")] = 50,
     ) -> list[DriftTargetPublic]:
         """Unlabeled predictions drift found least like the training data: label these first."""
-        store = backend.ready()
-        try:
-            return await run_in_threadpool(store.targets, limit)
-        except (OperationalError, InterfaceError) as exc:
-            raise HTTPException(503, unreachable) from exc
+        return await run_in_threadpool(store.targets, limit)
 
     @router.post(
         "/drift/run",
@@ -215,4 +191,5 @@ def create_router(
             raise HTTPException(503, "no model is loaded yet; retry shortly")
         return runs.start()
 
+    router.on_shutdown.append(gauges.stop)
     return router

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import re
 import shutil
 from datetime import datetime
@@ -12,12 +11,14 @@ from pydantic import BaseModel, Field
 
 from flywheel.events import new_id, utcnow
 from flywheel.storage import atomic_write_text
+from monitoring.dashboard import render
 from monitoring.drift import Signal, Verdict
 from monitoring.errors import MonitoringError
 from monitoring.performance import PerformanceEstimate
 
 HTML_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
+SUMMARY_COLOURS: dict[Verdict, str] = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#7a5d00"}
 _REPORT_ID = re.compile(r"[0-9a-f-]{36}")
 
 
@@ -99,65 +100,7 @@ class ReportArchive:
 
 def summary_block(summary: DriftSummary) -> str:
     """An HTML block with the verdict, each signal and the performance estimate, for the top of a report."""
-    colour = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#7a5d00"}[summary.verdict]
-    rows = "".join(
-        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-            html.escape(s.name),
-            html.escape(s.method),
-            "-" if s.score is None else f"{s.score:.4f}",
-            f"{s.threshold:g}",
-            html.escape(s.skipped) if s.skipped else ("<b>drift</b>" if s.drifted else "ok"),
-        )
-        for s in summary.signals
-    )
-    perf = summary.performance
-    perf_html = ""
-    if perf is not None:
-        estimated = (
-            f"{perf.estimated_accuracy:.3f} (95% {perf.estimated_low:.3f}–{perf.estimated_high:.3f})"
-            if perf.estimated_accuracy is not None
-            else "n/a (no golden holdout to calibrate on)"
-        )
-        realised = (
-            f"{perf.realised_accuracy:.3f} on {perf.realised_rows} accepted feedback labels"
-            if perf.realised_accuracy is not None
-            else "no accepted feedback in the window"
-        )
-        perf_html = (
-            f"<p><b>Estimated accuracy</b> ({html.escape(perf.method)}): {estimated} over {perf.rows} predictions; "
-            f"golden holdout accuracy {perf.holdout_accuracy if perf.holdout_accuracy is not None else 'n/a'}.<br>"
-            f"<b>Realised accuracy</b>: {realised}. <i>{html.escape(perf.note)}</i></p>"
-        )
-    window = (
-        f"{summary.window_start:%Y-%m-%d %H:%M} – {summary.window_end:%Y-%m-%d %H:%M} UTC"
-        if summary.window_start and summary.window_end
-        else "-"
-    )
-    return (
-        '<section id="flywheel-summary" style="font-family:sans-serif;margin:16px;padding:12px;'
-        f'border-left:6px solid {colour};background:#fafafa">'
-        f'<h2 style="margin:0 0 8px">Drift report {html.escape(summary.report_id)}: '
-        f'<span style="color:{colour}">{summary.verdict.replace("_", " ")}</span></h2>'
-        f"<p>Model {html.escape(summary.model_version)}; window {window} ({html.escape(summary.window_rule)}); "
-        f"{summary.current_rows} current rows vs {summary.reference_rows} reference rows; drift score "
-        f"{'-' if summary.drift_score is None else f'{summary.drift_score:.3f}'} "
-        f"(verdict drifted when ≥ {summary.min_signals} signal(s) fire). {html.escape(summary.message)}</p>"
-        + (
-            '<table border="1" cellpadding="4" style="border-collapse:collapse;font-size:13px">'
-            "<tr><th>signal</th><th>method</th><th>score</th><th>threshold</th><th>result</th></tr>"
-            f"{rows}</table>"
-            if rows
-            else ""
-        )
-        + perf_html
-        + (
-            f"<p>{len(summary.targeted)} requests most unlike the reference were moved to the front of the "
-            "review queue (<code>GET /drift/targets</code>).</p>"
-            if summary.targeted
-            else ""
-        )
-        + "</section>"
-    )
+    return render("drift_summary.html", summary=summary, colours=SUMMARY_COLOURS)
 
 
 def with_summary(report_html: str, summary: DriftSummary) -> str:
@@ -171,8 +114,4 @@ def with_summary(report_html: str, summary: DriftSummary) -> str:
 
 def standalone_page(summary: DriftSummary) -> str:
     """A report page for runs without an Evidently report (too few rows)."""
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>Drift report {html.escape(summary.report_id)}</title></head><body>"
-        f"{summary_block(summary)}</body></html>"
-    )
+    return render("drift_report.html", summary=summary, colours=SUMMARY_COLOURS)

@@ -146,6 +146,10 @@ class ChampionWatcher:
         self._thread.start()
         return self
 
+    def alive(self) -> bool:
+        """True while the polling thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop polling."""
         self._stop.set()

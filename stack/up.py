@@ -6,15 +6,13 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import httpx
-
 from flywheel.broker import wait_for_port
-from flywheel.errors import FlywheelError
+from flywheel.database import Database
+from flywheel.http import wait_until_ready
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from stack.supervisor import Supervisor
@@ -82,6 +80,13 @@ class LocalStack:
             if not self.external_kafka:
                 self.supervisor.add("broker", [*flywheel, "broker", "--port", str(self.broker_port)], env)
                 wait_for_port("127.0.0.1", self.broker_port, timeout=30)
+            # The service, ingestion and worker only check that the schema is at head; migrate once, here.
+            database = Database.from_settings(self.settings)
+            try:
+                database.upgrade()
+            finally:
+                database.dispose()
+            self.supervisor.say("up", f"database {database.display_url} migrated (flywheel db upgrade)")
             self.ensure_model()
             serve = [*flywheel, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
             self.supervisor.add("service", serve, env)
@@ -95,18 +100,10 @@ class LocalStack:
 
     def _wait_ready(self, stop_requested: Callable[[], bool]) -> None:
         url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if stop_requested():
-                return
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise FlywheelError(f"the service did not become ready on {url} within 5 minutes; see its log lines above")
+        # The supervisor restarts a crashing service, so only time (or Ctrl-C) ends this wait.
+        wait_until_ready(url, timeout=300, stop=stop_requested, context=lambda: "See its log lines above.")
+        if stop_requested():
+            return
         for line in (
             f"Flywheel is up. API: {url}  (docs: {url}/docs)",
             f"drift reports: {url}/drift   metrics: {url}/metrics   retrain history: {url}/retrain/runs",

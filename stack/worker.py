@@ -13,15 +13,17 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from kafka import KafkaConsumer
 from kafka.errors import KafkaError
+from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
 from feedback.store import FeedbackStore
 from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
+from flywheel.kafka import kafka_consumer
 from flywheel.models.retrain import RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
+from flywheel.retry import failure, wait_on
 from flywheel.settings import Settings
 from monitoring.monitor import DriftMonitor
 from monitoring.schedule import add_drift_job
@@ -142,31 +144,34 @@ class RetrainWorker:
 
     def _listen_for_alerts(self) -> None:
         # Each drift alert queues one run; the queue poll starts it, so alerts never run retrains concurrently.
-        consumer: KafkaConsumer | None = None
-        while not self.stopping.is_set():
-            try:
-                if consumer is None:
-                    consumer = KafkaConsumer(
-                        Topic.ALERTS,
-                        bootstrap_servers=self.settings.kafka_bootstrap,
-                        group_id=ALERTS_GROUP,
-                        # A first start also acts on alerts sent before it: at most one run is queued at a time.
-                        auto_offset_reset="earliest",
-                        enable_auto_commit=True,
-                        max_poll_interval_ms=self.settings.ingest_max_poll_interval_ms,
-                        session_timeout_ms=self.settings.ingest_max_poll_interval_ms + 1000,
-                        heartbeat_interval_ms=1000,
-                    )
+        retrying = Retrying(
+            retry=retry_if_exception_type(KafkaError),
+            # A fresh consumer every kafka_retry_interval until it works; shutdown ends the wait at once.
+            wait=wait_fixed(self.settings.kafka_retry_interval),
+            sleep=wait_on(self.stopping),
+            before_sleep=lambda state: logger.warning("drift alert listener: %s; retrying", failure(state)),
+        )
+        retrying(self._consume_alerts)
+
+    def _consume_alerts(self) -> None:
+        """Act on drift alerts until the worker stops; a Kafka error closes the consumer and propagates."""
+        if self.stopping.is_set():
+            return
+        consumer = kafka_consumer(
+            self.settings,
+            Topic.ALERTS,
+            group_id=ALERTS_GROUP,
+            # A first start also acts on alerts sent before it: at most one run is queued at a time.
+            auto_offset_reset="earliest",
+            enable_auto_commit=True,
+            session_timeout_ms=self.settings.ingest_max_poll_interval_ms + 1000,
+        )
+        try:
+            while not self.stopping.is_set():
                 for records in consumer.poll(timeout_ms=1000).values():
                     for record in records:
                         self._on_alert(record.value)
-            except KafkaError as exc:
-                logger.warning("drift alert listener: %s; retrying", exc)
-                if consumer is not None:
-                    consumer.close()
-                    consumer = None
-                self.stopping.wait(self.settings.kafka_retry_interval)
-        if consumer is not None:
+        finally:
             consumer.close()
 
     def _on_alert(self, payload: bytes) -> None:

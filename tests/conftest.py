@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import pandas as pd
 import pytest
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import Event
+from flywheel.http import wait_until_ready
 from flywheel.settings import Settings
 from tests.support import build_tiny_base, synthetic_sentiment
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 TINY_TRAINING_ENV = {
     "FLYWHEEL_EPOCHS": "4",
@@ -51,7 +59,7 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> d
 
     home = tmp_path_factory.mktemp("trained") / "home"
     env = {"FLYWHEEL_HOME": str(home), "FLYWHEEL_BASE_MODEL": str(tiny_base), **TINY_TRAINING_ENV}
-    settings = Settings(**{k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items()})
+    settings = settings_from(env)
     TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(synthetic_sentiment(400))
     migrate(settings.resolved_database_url)
     return env
@@ -142,7 +150,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 def free_port() -> int:
     """A TCP port free on loopback right now."""
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,14 +182,10 @@ def running_service(
     tag, served from ``cwd`` (default: the repository root).
     The server's output goes to ``<home>/serve-<port>.log``; the whole process group is killed on exit.
     """
-    import contextlib
     import os
     import signal
     import subprocess
     import sys
-    import time
-
-    import httpx
 
     port = port or free_port()
     home = Path(env["FLYWHEEL_HOME"])
@@ -205,18 +208,9 @@ def running_service(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}{wait_for}", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service not ready after {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
+        wait_until_ready(
+            url, timeout=timeout, path=wait_for, exited=process.poll, context=lambda: log_path.read_text()[-4000:]
+        )
         yield url
     finally:
         # SIGTERM lets workers flush their events; SIGKILL then reaps anything left in the group.
@@ -231,7 +225,6 @@ def running_service(
 
 def read_topic(bootstrap: str, topic: str, done: Callable[[list[Event]], bool], timeout: float = 30.0) -> list[Event]:
     """Decode every event on ``topic`` from the beginning, polling until ``done(events)`` or ``timeout``."""
-    import time
 
     from kafka import KafkaConsumer, TopicPartition
 
@@ -252,11 +245,124 @@ def read_topic(bootstrap: str, topic: str, done: Callable[[list[Event]], bool], 
         consumer.close()
 
 
-def wait_for_store(http: httpx.Client, timeout: float = 60.0) -> None:
-    """Block until the service's feedback store is open: it opens in the background, answering 503 until then."""
-    import time
+def settings_from(env: dict[str, str]) -> Settings:
+    """Settings from ``FLYWHEEL_*`` variables given as a dict (the process environment is not read for them)."""
+    return Settings(**{k.removeprefix("FLYWHEEL_").lower(): v for k, v in env.items() if k.startswith("FLYWHEEL_")})
 
+
+@contextmanager
+def app_client(env: dict[str, str], *, wait_ready: bool = True, timeout: float = 60.0) -> Iterator[TestClient]:
+    """The service's whole HTTP API in this process: ``create_app`` on a real database, broker and model.
+
+    ``env`` is as for ``running_service``. Yields a client once ``/readyz`` answers 200 (unless ``wait_ready`` is
+    false); everything is stopped, and queued events flushed, on exit.
+    """
+
+    from fastapi.testclient import TestClient
+
+    from flywheel.database import BackgroundDatabase
+    from flywheel.publisher import EventPublisher
+    from flywheel.registry import ModelRegistry
+    from service.app import create_app
+    from service.metrics import service_metrics
+    from service.readiness import DatabaseProbe, Readiness
+    from service.serving import ModelServer
+
+    settings = settings_from(env)
+    publisher = EventPublisher(settings, name="test-app").start()
+    database = BackgroundDatabase(settings, pool_size=8).start()
+    serving = ModelServer(settings, ModelRegistry(settings), service_metrics()).start()
+    probe = DatabaseProbe(database, interval=0.5).start()
+    readiness = Readiness(serving, publisher, probe, serving.watcher.alive)
+    try:
+        app = create_app(settings, database, publisher, serving, readiness=readiness)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            deadline = time.monotonic() + timeout
+            while wait_ready and (ready := client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, f"app not ready after {timeout:.0f}s: {ready.text}"
+                time.sleep(0.1)
+            yield client
+    finally:
+        probe.stop()
+        serving.stop()
+        publisher.close()
+        database.close()
+
+
+def local_metric(name: str, **labels: str) -> float:
+    """Sum of this process's samples called ``name`` whose labels include ``labels`` (0 when there are none)."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds, failing the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while (response := http.get("/feedback/none")).status_code != 404:
-        assert time.monotonic() < deadline, f"feedback store not ready: {response.status_code} {response.text}"
-        time.sleep(0.3)
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.1)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can be stopped (dropping every connection) and started again on its port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones, like a crashed server."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)

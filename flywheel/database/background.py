@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+
 from flywheel.database.engine import Database, DatabaseError
+from flywheel.retry import failure, wait_on
 from flywheel.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,18 +47,31 @@ class BackgroundDatabase:
             self._database.dispose()
 
     def _open(self) -> None:
-        delay = 1.0
-        while not self._stop.is_set():
-            database = Database.from_settings(self.settings, pool_size=self.pool_size)
-            try:
-                database.start()
-            except DatabaseError as exc:
-                database.dispose()
-                self.error = str(exc)
-                logger.warning("database unavailable, retrying in %.0fs: %s", delay, exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.max_delay)
-                continue
+        retrying = Retrying(
+            retry=retry_if_exception_type(DatabaseError),
+            # 1 s, doubling up to max_delay, for as long as it takes.
+            wait=wait_exponential(multiplier=1.0, max=self.max_delay),
+            # close() sets the event, which ends the wait at once; the next attempt then returns without trying.
+            sleep=wait_on(self._stop),
+            before_sleep=self._retrying,
+        )
+        database = retrying(self._attempt)
+        if database is not None:
             self._database = database
             logger.info("database ready at %s", database.display_url)
-            return
+
+    def _attempt(self) -> Database | None:
+        """The started database; None once ``close()`` was called."""
+        if self._stop.is_set():
+            return None
+        database = Database.from_settings(self.settings, pool_size=self.pool_size)
+        try:
+            database.start()
+        except DatabaseError as exc:
+            database.dispose()
+            self.error = str(exc)
+            raise
+        return database
+
+    def _retrying(self, state: RetryCallState) -> None:
+        logger.warning("database unavailable, retrying in %.0fs: %s", state.upcoming_sleep, failure(state))

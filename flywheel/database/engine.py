@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
 
 from flywheel.errors import FlywheelError
+from flywheel.retry import failure
 from flywheel.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -148,22 +149,29 @@ class Database:
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Retry ``SELECT 1`` until it succeeds or ``timeout`` seconds pass."""
         limit = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        delay = 0.1
-        while True:
-            try:
-                with self.engine.connect() as connection:
-                    connection.exec_driver_sql("SELECT 1")
-                return
-            except (DBAPIError, OSError) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise DatabaseError(
-                        f"database {self.display_url} is not reachable after {limit:.0f}s "
-                        f"({_first_line(exc)}): start it or fix FLYWHEEL_DATABASE_URL"
-                    ) from exc
-                logger.info("waiting for database %s: %s", self.display_url, _first_line(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+
+        def ping() -> None:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT 1")
+
+        def waiting(state: RetryCallState) -> None:
+            logger.info("waiting for database %s: %s", self.display_url, _first_line(failure(state)))
+
+        retrying = Retrying(
+            retry=retry_if_exception_type((DBAPIError, OSError)),
+            # 0.1 s, doubling up to 2 s; giving up before a wait that would end past the limit.
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            stop=stop_before_delay(limit),
+            before_sleep=waiting,
+            reraise=True,
+        )
+        try:
+            retrying(ping)
+        except (DBAPIError, OSError) as exc:
+            raise DatabaseError(
+                f"database {self.display_url} is not reachable after {limit:.0f}s "
+                f"({_first_line(exc)}): start it or fix FLYWHEEL_DATABASE_URL"
+            ) from exc
 
     def migrate(self, revision: str = "heads") -> None:
         """Upgrade the schema to ``revision`` (default every head), holding a lock against concurrent migrators."""

@@ -24,7 +24,7 @@ from tests.deploy.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-PACKAGES = ("flywheel", "service", "feedback", "retrain", "monitoring")
+PACKAGES = ("flywheel", "service", "feedback", "retrain", "monitoring", "stack")
 
 
 @dataclass
@@ -77,7 +77,9 @@ def test_bento_holds_every_package_file_and_nothing_else(built: BuiltBento) -> N
         if p.is_file() and "__pycache__" not in p.parts
     }
     # Migrations, alembic.ini and the seed data are not Python files but the service needs them.
-    assert {"feedback/alembic.ini", "feedback/migrations/script.py.mako", "flywheel/data/seed_reviews.csv"} <= expected
+    assert {
+        "flywheel/database/alembic.ini", "flywheel/database/migrations/script.py.mako", "stack/data/seed_reviews.csv"
+    } <= expected
     assert expected <= shipped, f"missing from the Bento: {sorted(expected - shipped)}"
     extra = shipped - expected - {"pyproject.toml", "README.md", "bentofile.yaml"}
     assert not extra, f"unexpected files in the Bento: {sorted(extra)[:20]}"

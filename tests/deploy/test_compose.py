@@ -21,8 +21,8 @@ from tests.conftest import free_port
 from tests.deploy.conftest import REPO_ROOT, REQUIRED_VARIABLES, dockerfile_env, run_compose
 
 INFRASTRUCTURE = {"kafka", "kafka-init", "postgres"}
-FLYWHEEL_SERVICES = {"init", "service", "ingest", "worker"}
-ONE_SHOT = {"kafka-init", "init"}
+FLYWHEEL_SERVICES = {"db-init", "init", "service", "ingest", "worker"}
+ONE_SHOT = {"kafka-init", "db-init", "init"}
 GPU_SERVICE = "service-gpu"
 
 
@@ -72,8 +72,9 @@ def test_start_order_waits_for_health_or_completion(resolved: dict[str, Any]) ->
                 assert "healthcheck" in services[dependency], f"{name} waits on {dependency}, which has none"
 
     assert set(services["kafka-init"]["depends_on"]) == {"kafka"}
+    assert set(services["db-init"]["depends_on"]) == {"postgres"}
     for name in ("service", GPU_SERVICE, "ingest", "worker"):
-        assert set(services[name]["depends_on"]) >= INFRASTRUCTURE, name
+        assert set(services[name]["depends_on"]) >= INFRASTRUCTURE | {"db-init"}, name
     # Serving and retraining need the first champion; ingestion does not.
     for name in ("service", GPU_SERVICE, "worker"):
         assert "init" in services[name]["depends_on"], name
@@ -184,6 +185,33 @@ def test_healthchecks_probe_the_ports_the_processes_listen_on(resolved: dict[str
     assert services["service"]["command"] == ["serve"]
 
 
+def test_db_init_migrates_the_database_before_anything_uses_it(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    db_init = services["db-init"]
+    # The image's entry point is `flywheel`: this is `flywheel db upgrade`, the one process that migrates.
+    assert db_init["image"] == services["service"]["image"]
+    assert db_init["command"] == ["db", "upgrade"]
+    assert db_init.get("entrypoint") is None
+    assert db_init["restart"] == "no"
+    assert {name: rule["condition"] for name, rule in db_init["depends_on"].items()} == {"postgres": "service_healthy"}
+    for name in ("service", GPU_SERVICE, "ingest", "worker"):
+        assert services[name]["depends_on"]["db-init"]["condition"] == "service_completed_successfully", name
+    # Nothing else may migrate: the long-running components only check the schema.
+    for name, service in flywheel_services(resolved).items():
+        if name != "db-init":
+            assert "upgrade" not in " ".join(service.get("command") or []), name
+
+
+def test_db_upgrade_is_a_command_of_the_entry_point() -> None:
+    from typer.testing import CliRunner
+
+    from stack.cli import app
+
+    result = CliRunner().invoke(app, ["db", "upgrade", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "migration" in result.output
+
+
 def init_check(resolved: dict[str, Any]) -> str:
     """The Python one-liner `init` runs to decide whether a champion exists."""
     script = resolved["services"]["init"]["command"][0]
@@ -206,7 +234,7 @@ def test_init_trains_only_when_the_registry_has_no_champion(
 
     init = resolved["services"]["init"]
     assert "flywheel train --data" in init["command"][0] and "--promote" in init["command"][0]
-    # The seed file ships in the image: the Dockerfile copies flywheel/ to /app/flywheel.
+    # The seed file ships in the image: the Dockerfile copies stack/ to /app/stack.
     seed = Path(init["environment"]["SEED_DATA"])
     assert seed.is_relative_to("/app")
     assert (REPO_ROOT / seed.relative_to("/app")).is_file()
@@ -223,6 +251,8 @@ def test_worker_healthcheck_fails_once_the_worker_dies(resolved: dict[str, Any],
     flywheel = Path(sys.executable).parent / "flywheel"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "BENTOML_"))}
     env.update({"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    # As in the stack, `db-init` has migrated the database before the worker starts.
+    subprocess.run([str(flywheel), "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen([str(flywheel), "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)

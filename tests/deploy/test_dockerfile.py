@@ -43,6 +43,9 @@ def test_copied_paths_exist_and_are_in_the_build_context() -> None:
     # Every package pyproject installs is copied, and the installed packages are exactly those.
     packages = {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages <= set(sources)
+    # The dependency layer installs against empty stand-ins of the same packages.
+    stubs = next(arguments for keyword, arguments in instructions() if "for package in" in arguments)
+    assert set(stubs.partition("for package in")[2].partition(";")[0].split()) == packages
 
 
 def test_image_runs_the_flywheel_command_as_an_unprivileged_user() -> None:
@@ -68,7 +71,7 @@ def test_environment_matches_the_settings_and_the_compose_file(resolved: dict[st
     values: dict[str, Any] = {key.removeprefix("FLYWHEEL_").lower(): env[key] for key in flywheel_keys}
     settings = Settings(**values)
     assert settings.serve_host == "0.0.0.0"
-    for service in ("init", "service", "ingest", "worker"):
+    for service in ("db-init", "init", "service", "ingest", "worker"):
         assert resolved["services"][service]["environment"]["FLYWHEEL_HOME"] == env["FLYWHEEL_HOME"]
 
     # BENTOML_HOME is private to the container, but its model store is the registry's default place in the state

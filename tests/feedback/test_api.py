@@ -1,4 +1,4 @@
-"""``POST /feedback``, ``GET /feedback/{id}`` and ``GET /review`` on the real service, on both databases."""
+"""``POST /feedback``, ``GET /feedback/{id}`` and ``GET /review`` of the in-process app, on both databases."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
+from fastapi.testclient import TestClient
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
 from flywheel.events import FeedbackEvent, Topic, new_id
 from flywheel.models.feedback import Prediction
-from tests.conftest import copy_home, read_topic, running_service, scratch_database_url
-from tests.feedback.conftest import TcpProxy, wait_until
+from tests.conftest import app_client, copy_home, read_topic, scratch_database_url, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,8 @@ def served(
     trained_home: dict[str, str],
     broker: EmbeddedBroker,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """A running service whose feedback store is a fresh database; yields its URL and environment."""
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """The app on a fresh database; yields a client and the environment."""
     directory = tmp_path_factory.mktemp(f"feedback-api-{request.param}")
     with scratch_database_url(request.param, directory) as url:
         env = {
@@ -46,16 +45,14 @@ def served(
             "FLYWHEEL_FEEDBACK_GRACE_SECONDS": "3",
             "FLYWHEEL_INGEST_MAX_POLL_INTERVAL_MS": "2000",
         }
-        with running_service(env) as base:
-            # The store opens in the background; 404 (not 503) means it is ready.
-            wait_until(lambda: httpx.get(f"{base}/feedback/none", timeout=5).status_code == 404, what="the store")
-            yield base, env
+        with app_client(env) as client:
+            yield client, env
 
 
-def post(base: str, body: Any, **kwargs: Any) -> httpx.Response:
+def post(client: TestClient, body: Any, **kwargs: Any) -> httpx.Response:
     if isinstance(body, bytes | str):
-        return httpx.post(f"{base}/feedback", content=body, headers={"content-type": "application/json"}, timeout=30)
-    return httpx.post(f"{base}/feedback", json=body, timeout=30, **kwargs)
+        return client.post("/feedback", content=body, headers={"content-type": "application/json"})
+    return client.post("/feedback", json=body, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -78,22 +75,22 @@ def post(base: str, body: Any, **kwargs: Any) -> httpx.Response:
     ],
 )
 def test_bad_feedback_bodies_get_4xx_with_a_message(
-    served: tuple[str, dict[str, str]], body: Any, status: int, message: str
+    served: tuple[TestClient, dict[str, str]], body: Any, status: int, message: str
 ) -> None:
     response = post(served[0], body)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
 
 
-def test_review_limit_is_validated(served: tuple[str, dict[str, str]]) -> None:
-    base = served[0]
-    response = httpx.get(f"{base}/review", params={"limit": 0}, timeout=30)
+def test_review_limit_is_validated(served: tuple[TestClient, dict[str, str]]) -> None:
+    http = served[0]
+    response = http.get("/review", params={"limit": 0})
     assert response.status_code == 422
     assert "limit" in response.json()["detail"]
-    assert httpx.get(f"{base}/review", params={"limit": 3}, timeout=30).status_code == 200
+    assert http.get("/review", params={"limit": 3}).status_code == 200
 
 
-def test_one_source_is_rate_limited(served: tuple[str, dict[str, str]]) -> None:
+def test_one_source_is_rate_limited(served: tuple[TestClient, dict[str, str]]) -> None:
     source = f"flood-{uuid.uuid4().hex[:6]}"
     answers = [
         post(served[0], {"text": f"text {i}", "label": "positive", "source": source}) for i in range(RATE_LIMIT + 1)
@@ -106,21 +103,21 @@ def test_one_source_is_rate_limited(served: tuple[str, dict[str, str]]) -> None:
     assert other.status_code == 202
 
 
-def test_feedback_flows_through_kafka_into_the_store(served: tuple[str, dict[str, str]]) -> None:
-    base, env = served
+def test_feedback_flows_through_kafka_into_the_store(served: tuple[TestClient, dict[str, str]]) -> None:
+    http, env = served
     token = uuid.uuid4().hex[:6]
     texts = [f"good great excellent film {token}", f"bad awful terrible mess {token}", f"the plot happens {token}"]
-    predicted = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=60).json()["predictions"]
+    predicted = http.post("/predict", json={"texts": texts}).json()["predictions"]
     ids = [p["prediction_id"] for p in predicted]
 
-    early = post(base, {"prediction_id": ids[0], "label": "negative", "source": "e2e", "comment": "sarcasm"})
+    early = post(http, {"prediction_id": ids[0], "label": "negative", "source": "e2e", "comment": "sarcasm"})
     assert early.status_code == 202, early.text
     receipt = early.json()
     assert receipt["status"] == "pending" and "waiting for prediction" in receipt["status_reason"]
-    again = post(base, {"prediction_id": ids[0], "label": "positive", "source": "e2e"})
+    again = post(http, {"prediction_id": ids[0], "label": "positive", "source": "e2e"})
     assert again.json()["feedback_id"] == receipt["feedback_id"] and again.json()["label"] == "positive"
-    orphan = post(base, {"prediction_id": new_id(), "label": "positive", "source": "e2e"}).json()
-    labeled = post(base, {"text": "an unseen sentence", "label": "negative", "source": "annotation"}).json()
+    orphan = post(http, {"prediction_id": new_id(), "label": "positive", "source": "e2e"}).json()
+    labeled = post(http, {"text": "an unseen sentence", "label": "negative", "source": "annotation"}).json()
     assert labeled["status"] == "accepted"
 
     ingest = subprocess.Popen(
@@ -132,7 +129,7 @@ def test_feedback_flows_through_kafka_into_the_store(served: tuple[str, dict[str
     )
     try:
         def fetch(feedback_id: str) -> dict[str, Any]:
-            return httpx.get(f"{base}/feedback/{feedback_id}", timeout=30).json()
+            return http.get(f"/feedback/{feedback_id}").json()
 
         wait_until(lambda: fetch(receipt["feedback_id"]).get("text") == texts[0], timeout=60, what="the join")
         wait_until(lambda: fetch(orphan["feedback_id"])["status"] == "rejected", timeout=30, what="the expiry")
@@ -156,7 +153,7 @@ def test_feedback_flows_through_kafka_into_the_store(served: tuple[str, dict[str
     finally:
         database.dispose()
 
-    queued = {item["prediction_id"] for item in httpx.get(f"{base}/review?limit=50", timeout=30).json()}
+    queued = {item["prediction_id"] for item in http.get("/review?limit=50").json()}
     assert ids[0] not in queued and {ids[1], ids[2]} <= queued
 
     published = read_topic(
@@ -166,29 +163,3 @@ def test_feedback_flows_through_kafka_into_the_store(served: tuple[str, dict[str
     )
     ours = [e for e in published if isinstance(e, FeedbackEvent) and e.source in ("e2e", "annotation")]
     assert {e.feedback_id for e in ours} >= {receipt["feedback_id"], orphan["feedback_id"], labeled["feedback_id"]}
-
-
-
-def test_predictions_keep_flowing_while_the_feedback_store_is_down(
-    trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path
-) -> None:
-    with scratch_database_url("postgresql", tmp_path) as url:
-        parsed = make_url(url)
-        proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
-        env = {
-            **copy_home(trained_home, tmp_path / "home"),
-            "FLYWHEEL_DATABASE_URL": parsed.set(port=proxy.port).render_as_string(hide_password=False),
-            "FLYWHEEL_DATABASE_READY_TIMEOUT": "1",
-            "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
-        }
-        body = {"text": "a calm and lovely film", "label": "positive", "source": "web"}
-        try:
-            with running_service(env) as base:
-                down = post(base, body)
-                assert down.status_code == 503
-                assert "feedback store is not available yet" in down.json()["detail"]
-                assert httpx.post(f"{base}/predict", json={"text": "still serving"}, timeout=30).status_code == 200
-                proxy.start()
-                wait_until(lambda: post(base, body).status_code == 202, timeout=60, what="the store to come back")
-        finally:
-            proxy.stop()

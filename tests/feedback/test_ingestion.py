@@ -16,8 +16,8 @@ from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import DeadLetterEvent, Topic, encode, new_id
 from flywheel.models.feedback import FeedbackCreate, FeedbackStatus, Prediction
-from tests.conftest import read_topic
-from tests.feedback.conftest import TcpProxy, prediction, running_ingestor, wait_until
+from tests.conftest import TcpProxy, read_topic, wait_until
+from tests.feedback.conftest import prediction, running_ingestor
 
 pytestmark = pytest.mark.slow
 

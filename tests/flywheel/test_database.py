@@ -1,4 +1,5 @@
-"""The Flywheel database: migrations applied once by `upgrade`, a schema check on start, on SQLite and PostgreSQL, and a clear error when it is down."""
+"""The Flywheel database: `upgrade` applies the migrations once, `start` checks the schema, on SQLite and
+PostgreSQL, and a clear error when it is down."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_for_store
+from tests.conftest import free_port
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,14 @@ def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict
     pids = components(home)
     assert set(pids) == {"broker", "service", "ingest", "worker"}
     with httpx.Client(base_url=url, timeout=30) as http:
+        # The README's walk-through right after `up` says it is up: every step works on the first try.
+        walk = http.post("/predict", json={"text": "a great film"})
+        assert walk.status_code == 200, walk.text
+        prediction_id = walk.json()["predictions"][0]["prediction_id"]
+        fixed = http.post("/feedback", json={"prediction_id": prediction_id, "label": "negative", "comment": "sarcasm"})
+        assert fixed.status_code == 202, fixed.text
+        review = http.get("/review", params={"limit": 5})
+        assert review.status_code == 200, review.text
         first = http.get("/model").json()["version"]
 
         # Crashed components come back and the loop keeps working through them; a killed server's orphaned
@@ -111,7 +119,6 @@ def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict
             assert time.monotonic() < deadline, "the restarted service did not become ready"
             time.sleep(0.5)
 
-        wait_for_store(http)
         corrections = product_reviews(160, seed=1)
         predictions = http.post("/predict", json={"texts": corrections["text"].tolist()}).json()["predictions"]
         for prediction, truth in zip(predictions, corrections["label"], strict=True):

@@ -1,4 +1,5 @@
-"""Fixtures of the service tests: one shared server on the session broker, and metric parsing."""
+"""Fixtures of the service tests: the app in-process, one shared `bentoml serve` for the end-to-end checks, and
+metric parsing."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from flywheel.broker import EmbeddedBroker
-from tests.conftest import copy_home, running_service
+from tests.conftest import app_client, copy_home, running_service
 
 #: Fast hot reload and reconnection so the tests do not wait on production intervals.
 FAST_ENV = {"FLYWHEEL_RELOAD_INTERVAL": "0.5", "FLYWHEEL_KAFKA_TIMEOUT": "3", "FLYWHEEL_KAFKA_RETRY_INTERVAL": "0.5"}
@@ -26,16 +28,22 @@ def service_env(
 
 @pytest.fixture(scope="session")
 def service_url(service_env: dict[str, str]) -> Iterator[str]:
-    """Base URL of a running service shared by the read-only tests."""
+    """Base URL of a running `bentoml serve` shared by the end-to-end tests (BentoML's routes, real sockets)."""
     with running_service(service_env) as url:
         yield url
 
 
+@pytest.fixture(scope="session")
+def app(service_env: dict[str, str]) -> Iterator[TestClient]:
+    """The service's HTTP API in this process, shared by the read-only tests."""
+    with app_client(service_env) as client:
+        yield client
+
+
 @pytest.fixture()
-def client(service_url: str) -> Iterator[httpx.Client]:
-    """An HTTP client for the shared service."""
-    with httpx.Client(base_url=service_url, timeout=30) as http:
-        yield http
+def client(app: TestClient) -> TestClient:
+    """An HTTP client for the shared in-process app."""
+    return app
 
 
 def samples(url: str, name: str, **labels: str) -> list[float]:

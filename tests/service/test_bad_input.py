@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import socket
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(
     ("body", "status", "words"), [case[1:] for case in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
 )
-def test_bad_request_is_refused_with_a_message(client: httpx.Client, body: bytes, status: int, words: str) -> None:
+def test_bad_request_is_refused_with_a_message(client: TestClient, body: bytes, status: int, words: str) -> None:
     response = client.post("/predict", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
@@ -77,7 +77,7 @@ def _content_length(reply: bytes) -> int:
     return 0
 
 
-def test_wrong_method_and_unknown_path_are_4xx(client: httpx.Client) -> None:
+def test_wrong_method_and_unknown_path_are_4xx(client: TestClient) -> None:
     assert client.get("/predict").status_code == 405
     assert client.get("/nope").status_code == 404
     assert client.post("/predict", json={"text": "still answering"}).status_code == 200

@@ -1,4 +1,5 @@
-"""Predictions over HTTP from a real `bentoml serve` process: contract, batching, model info, health, metrics."""
+"""Predictions over HTTP: the contract, batching and model info in-process; health, readiness and the summed
+metrics through a real `bentoml serve` process."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from datetime import datetime
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from tests.conftest import local_metric
 from tests.service.conftest import metric, samples
 
 pytestmark = pytest.mark.slow
 
 
-def test_single_text_gets_one_prediction_from_the_champion(client: httpx.Client) -> None:
+def test_single_text_gets_one_prediction_from_the_champion(client: TestClient) -> None:
     served = client.get("/model").json()
     response = client.post("/predict", json={"text": "the acting was really excellent"})
     assert response.status_code == 200
@@ -31,7 +34,7 @@ def test_single_text_gets_one_prediction_from_the_champion(client: httpx.Client)
     assert prediction["truncated"] is False
 
 
-def test_batch_answers_each_text_in_order(client: httpx.Client) -> None:
+def test_batch_answers_each_text_in_order(client: TestClient) -> None:
     texts = ["a great film", "an awful plot", "the cast was wonderful", "boring and dreadful story", "superb"]
     response = client.post("/predict", json={"texts": texts})
     assert response.status_code == 200
@@ -43,14 +46,14 @@ def test_batch_answers_each_text_in_order(client: httpx.Client) -> None:
     assert len({p["model_version"] for p in predictions}) == 1
 
 
-def test_text_longer_than_the_model_reads_is_truncated_and_says_so(client: httpx.Client) -> None:
+def test_text_longer_than_the_model_reads_is_truncated_and_says_so(client: TestClient) -> None:
     long_text = "the movie was great and the plot was lovely " * 40
     response = client.post("/predict", json={"texts": [long_text, "short and good"]})
     assert response.status_code == 200
     assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
 
 
-def test_model_reports_version_labels_metrics_and_load_time(client: httpx.Client) -> None:
+def test_model_reports_version_labels_metrics_and_load_time(client: TestClient) -> None:
     info = client.get("/model").json()
     assert info["labels"] == ["negative", "positive"]
     assert 0.0 <= info["holdout_metrics"]["macro_f1"] <= 1.0
@@ -59,26 +62,31 @@ def test_model_reports_version_labels_metrics_and_load_time(client: httpx.Client
     assert info["max_length"] == 32
 
 
-def test_health_and_readiness(client: httpx.Client) -> None:
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").status_code == 200
+def test_health_and_readiness(service_url: str) -> None:
+    assert httpx.get(f"{service_url}/healthz", timeout=10).status_code == 200
+    ready = httpx.get(f"{service_url}/readyz", timeout=10)
+    assert ready.status_code == 200
+    components = ready.json()["components"]
+    assert set(components) == {"model", "batcher", "broker", "database", "hot_reload"}
+    assert all(state["up"] for state in components.values()), components
+    assert metric(service_url, "flywheel_component_up", component="database") == 1
 
 
-def test_concurrent_requests_are_batched_together(service_url: str) -> None:
-    batches_before = metric(service_url, "flywheel_batch_requests_count")
-    requests_before = metric(service_url, "flywheel_batch_requests_sum")
+def test_concurrent_requests_are_batched_together(client: TestClient) -> None:
+    batches_before = local_metric("flywheel_batch_requests_count")
+    requests_before = local_metric("flywheel_batch_requests_sum")
 
     async def burst() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=service_url, timeout=30, limits=limits) as http:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as http:
             return await asyncio.gather(
                 *(http.post("/predict", json={"text": f"a really great movie {i}"}) for i in range(96))
             )
 
     responses = asyncio.run(burst())
     assert all(r.status_code == 200 for r in responses)
-    requests = metric(service_url, "flywheel_batch_requests_sum") - requests_before
-    batches = metric(service_url, "flywheel_batch_requests_count") - batches_before
+    requests = local_metric("flywheel_batch_requests_sum") - requests_before
+    batches = local_metric("flywheel_batch_requests_count") - batches_before
     assert requests == 96
     assert batches < requests / 2, f"{requests:.0f} concurrent requests ran in {batches:.0f} batches"
 

@@ -1,20 +1,23 @@
-"""A service started before any champion exists: alive, not ready, 503 on /predict; ready once one is promoted."""
+"""Readiness: a starting worker is ready only once every route works; after that a database outage leaves it in
+rotation with `/predict` working, and `/readyz` says which component is down."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
-from tests.conftest import copy_home, running_service
+from tests.conftest import TcpProxy, app_client, copy_home, scratch_database_url, wait_until
 from tests.service.conftest import FAST_ENV
 
 pytestmark = pytest.mark.slow
+
+FEEDBACK = {"text": "a calm and lovely film", "label": "positive"}
 
 
 def test_service_waits_for_a_first_champion(
@@ -26,8 +29,11 @@ def test_service_waits_for_a_first_champion(
     assert version is not None
     registry.pointer_path.unlink()  # a registry with a trained model that nobody promoted yet
 
-    with running_service(env, wait_for="/healthz") as url, httpx.Client(base_url=url, timeout=30) as http:
-        assert http.get("/readyz").status_code == 503
+    with app_client(env, wait_ready=False) as http:
+        wait_until(lambda: http.get("/readyz").json()["components"]["database"]["up"], what="the database")
+        not_ready = http.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["components"]["model"] == {"up": False, "detail": "no champion loaded yet"}
         refused = http.post("/predict", json={"text": "a great film"})
         assert refused.status_code == 503
         assert "no champion" in refused.json()["detail"]
@@ -41,3 +47,55 @@ def test_service_waits_for_a_first_champion(
         answer = http.post("/predict", json={"text": "a great film"})
         assert answer.status_code == 200
         assert answer.json()["model_version"] == version
+
+
+def test_ready_only_with_the_database_then_an_outage_keeps_predictions_in_rotation(
+    trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    with scratch_database_url("postgresql", tmp_path) as url:
+        parsed = make_url(url)
+        proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+        env = {
+            **copy_home(trained_home, tmp_path / "home"),
+            **FAST_ENV,
+            "FLYWHEEL_DATABASE_URL": parsed.set(port=proxy.port).render_as_string(hide_password=False),
+            "FLYWHEEL_DATABASE_READY_TIMEOUT": "1",
+            "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+        }
+        try:
+            with app_client(env, wait_ready=False) as http:
+                # Starting with the database down: predictions work, but the worker does not take traffic yet,
+                # because the README's feedback and review steps would fail.
+                wait_until(lambda: http.get("/model").status_code == 200, what="the model")
+                starting = http.get("/readyz")
+                assert starting.status_code == 503
+                assert starting.json()["components"]["database"]["up"] is False
+                assert http.post("/predict", json={"text": "still serving"}).status_code == 200
+                assert http.post("/feedback", json=FEEDBACK).status_code == 503
+
+                proxy.start()
+                wait_until(lambda: http.get("/readyz").status_code == 200, timeout=60, what="readiness")
+                # Ready means every route the README walks through answers on the first try.
+                assert http.post("/feedback", json=FEEDBACK).status_code == 202
+                assert http.get("/review").status_code == 200
+                assert http.get("/drift").status_code == 200
+                assert http.get("/retrain/runs").status_code == 200
+
+                proxy.stop()
+                wait_until(
+                    lambda: not http.get("/readyz").json()["components"]["database"]["up"], what="the outage"
+                )
+                during = http.get("/readyz")
+                assert during.status_code == 200, "a database outage must not take predictions out of rotation"
+                assert "unreachable" in during.json()["components"]["database"]["detail"]
+                assert http.post("/predict", json={"text": "still serving"}).status_code == 200
+                down = http.post("/feedback", json=FEEDBACK)
+                assert down.status_code == 503
+                assert "unreachable" in down.json()["detail"]
+
+                proxy.start()
+                wait_until(lambda: http.post("/feedback", json=FEEDBACK).status_code == 202, timeout=60,
+                           what="the database to come back")
+                wait_until(lambda: http.get("/readyz").json()["components"]["database"]["up"], what="the probe")
+        finally:
+            proxy.stop()

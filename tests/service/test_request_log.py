@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import PredictionEvent, Topic
@@ -12,7 +12,7 @@ from tests.conftest import read_topic
 pytestmark = pytest.mark.slow
 
 
-def test_every_prediction_is_published_with_its_details(client: httpx.Client, broker: EmbeddedBroker) -> None:
+def test_every_prediction_is_published_with_its_details(client: TestClient, broker: EmbeddedBroker) -> None:
     sent = []
     for texts in (["a lovely film"], ["terrible acting", "great cast", "poor story"]):
         body = {"text": texts[0]} if len(texts) == 1 else {"texts": texts}

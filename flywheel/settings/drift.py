@@ -1,0 +1,84 @@
+"""Drift monitoring options: the windows, Evidently's methods and thresholds per signal, reports."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flywheel.settings.core import FlywheelSettings
+
+
+class DriftSettings(FlywheelSettings):
+    """Drift monitoring."""
+
+    drift_interval_seconds: int = Field(
+        3600, ge=60, description="Seconds between scheduled drift reports (`flywheel drift watch`, retrain worker)."
+    )
+    drift_window_hours: float = Field(
+        24.0, gt=0, description="The current window holds the predictions logged in the last this many hours."
+    )
+    drift_window_max_rows: int = Field(
+        10_000, ge=1, description="Most recent predictions in the current window (the newest are kept)."
+    )
+    drift_min_rows: int = Field(
+        200, ge=10, description="Fewer current predictions than this give an `insufficient_data` result, no verdict."
+    )
+    drift_reference_max_rows: int = Field(
+        10_000, ge=100, description="Training rows sampled as the drift reference (cached per model version)."
+    )
+    drift_text_method: str = Field(
+        "abs_text_content_drift",
+        description="Evidently method for the raw text column (a domain classifier: its ROC AUC is the score).",
+    )
+    drift_text_threshold: float = Field(
+        0.6, gt=0, description="Text content drift fires above this domain-classifier ROC AUC."
+    )
+    drift_embedding_method: str = Field(
+        "model", description="Evidently embedding drift method on the model's sentence embeddings: "
+        "model (domain classifier ROC AUC), distance, ratio or mmd."
+    )
+    drift_embedding_threshold: float = Field(
+        0.6, gt=0, description="Embedding drift fires above this score of the embedding method."
+    )
+    drift_numeric_method: str = Field(
+        "wasserstein", description="Evidently method for the text descriptors (numeric, normed by the reference)."
+    )
+    drift_numeric_threshold: float = Field(
+        0.2,
+        gt=0,
+        description="Text-descriptor drift fires above this score (0.2 keeps 200-row windows of unchanged traffic "
+        "quiet with the normed Wasserstein method).",
+    )
+    drift_confidence_method: str = Field(
+        "ed",
+        description="Evidently method for the prediction confidence; energy distance is not normed, as confidence "
+        "has a fixed scale and a confident model's narrow spread would inflate normed scores.",
+    )
+    drift_confidence_threshold: float = Field(
+        0.1, gt=0, description="Prediction-confidence drift fires above this score."
+    )
+    drift_label_method: str = Field(
+        "jensenshannon", description="Evidently method for label columns: predicted labels and feedback labels."
+    )
+    drift_label_threshold: float = Field(
+        0.1, gt=0, description="Predicted-label and feedback-label drift fire above this score."
+    )
+    drift_embedding_plot_rows: int = Field(
+        500, ge=50, description="Rows per side in the report's t-SNE picture of the embeddings (t-SNE is slow)."
+    )
+    drift_min_signals: int = Field(
+        1, ge=1, description="The report's verdict is `drifted` when at least this many signals fire."
+    )
+    drift_min_feedback_rows: int = Field(
+        50, ge=1, description="Accepted feedback labels in the window needed before feedback-label drift is tested."
+    )
+    drift_keep_reports: int = Field(
+        336, ge=1, description="Newest drift reports kept (HTML, JSON, row, targets); older ones are deleted after "
+        "each run (336 = two weeks of hourly runs, about 1.3 GB of HTML)."
+    )
+    drift_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port for `flywheel drift watch`'s Prometheus metrics; unset = no endpoint."
+    )
+    drift_targeted_labels: int = Field(
+        50, ge=0, description="On drift, this many of the window's requests least like the reference go to the "
+        "front of the review queue; 0 = off."
+    )

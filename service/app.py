@@ -1,0 +1,100 @@
+"""The app factory: the whole HTTP API of one worker, built from the parts it is given.
+
+``create_app(settings, database, publisher, serving)`` is what the BentoML service mounts, and what tests build
+in-process with a real database, a real broker and a tiny real model. Router contract for other packages: a
+package serving HTTP routes exposes::
+
+    def create_router(
+        settings: flywheel.settings.Settings,
+        database: flywheel.database.BackgroundDatabase,
+        publisher: flywheel.publisher.EventPublisher,
+        serving: Callable[[], flywheel.registry.ModelVersion | None],
+    ) -> fastapi.APIRouter
+
+``database`` is the worker's one database, opened in the background: routes take it as a FastAPI dependency
+(``Depends(database.get)``), and while it is not open or not reachable the app answers 503 (one handler below, for
+``DatabaseError`` and SQLAlchemy's connection errors) while ``/predict`` keeps working. ``publisher`` is the
+worker's non-blocking Kafka publisher (``publisher.publish(event)``); ``serving()`` returns the registry entry of
+the model served right now (None before the first one has loaded). Raise ``fastapi.HTTPException(status,
+message)`` for refusals: clients get ``{"detail": message}``; invalid bodies are answered 422 with a one-line
+``detail`` written by ``flywheel.errors.describe_validation_errors``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from feedback.api import create_router as feedback_routes
+from flywheel.database import BackgroundDatabase, DatabaseError
+from flywheel.errors import describe_validation_errors
+from flywheel.publisher import EventPublisher
+from flywheel.settings import Settings
+from monitoring.api import create_router as drift_routes
+from retrain.api import create_router as retrain_routes
+from service.batcher import NoModelError
+from service.metrics import service_metrics
+from service.predict import create_router as prediction_routes
+from service.readiness import Readiness
+from service.schemas import BadRequestError
+from service.serving import ModelServer
+
+logger = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def create_app(
+    settings: Settings,
+    database: BackgroundDatabase,
+    publisher: EventPublisher,
+    serving: ModelServer,
+    *,
+    readiness: Readiness | None = None,
+) -> FastAPI:
+    """Every route of the service; ``readiness``, when given, also answers ``GET /readyz`` (in-process use)."""
+    app = FastAPI(
+        title="Flywheel",
+        description="Text classification with a feedback loop: predictions, model info, feedback and monitoring.",
+        version="1",
+    )
+    app.include_router(prediction_routes(settings, publisher, serving, service_metrics()))
+    for routes in (feedback_routes, retrain_routes, drift_routes):
+        app.include_router(routes(settings, database, publisher, serving.entry))
+
+    @app.exception_handler(BadRequestError)
+    async def _rejected(_: Request, exc: BadRequestError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, describe_validation_errors(exc.errors()))
+
+    @app.exception_handler(NoModelError)
+    async def _no_model(_: Request, exc: NoModelError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(DatabaseError)
+    async def _database_not_open(_: Request, exc: DatabaseError) -> JSONResponse:
+        return _error(503, f"the database is not available yet: {exc}")
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        logger.warning("database unreachable during a request: %s", str(exc).splitlines()[0])
+        return _error(503, "the database is unreachable right now; predictions still work, retry this shortly")
+
+    if readiness is not None:
+
+        @app.get("/readyz", include_in_schema=False)
+        async def _ready() -> Response:
+            status, body = readiness.body()
+            return Response(body, status_code=status, media_type="application/json")
+
+    return app
