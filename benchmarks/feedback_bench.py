@@ -29,7 +29,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata
 
 from feedback.ingestion import PredictionIngestor
-from feedback.store import FeedbackStore, prediction_row
+from feedback.prediction_rows import prediction_row
+from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
 from flywheel.events import PredictionEvent, Topic, decode, encode, utcnow

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from feedback.store import FeedbackStore, InvalidPredictionError, prediction_row
+from feedback.prediction_rows import InvalidPredictionError, prediction_row
+from feedback.store import FeedbackStore
 from flywheel.errors import FlywheelError
 from flywheel.events import DeadLetterEvent, EventDecodeError, PredictionEvent, Topic, decode, encode, utcnow
 from flywheel.kafka import kafka_consumer, kafka_producer

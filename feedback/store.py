@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,7 +17,7 @@ from sqlmodel import Session, col, select
 from feedback.vetting import Vetter, insert_for, quarantine
 from flywheel.database import Database
 from flywheel.errors import FlywheelError
-from flywheel.events import FeedbackEvent, PredictionEvent, new_id, utcnow
+from flywheel.events import FeedbackEvent, new_id, utcnow
 from flywheel.models.feedback import (
     Feedback,
     FeedbackCreate,
@@ -27,16 +26,12 @@ from flywheel.models.feedback import (
     FeedbackSourcePublic,
     FeedbackStatus,
     Prediction,
-    score_margin,
 )
 from flywheel.settings import Settings
 from flywheel.text import text_key
 
 logger = logging.getLogger(__name__)
 
-#: Column limits of the prediction table that an event must respect to be stored.
-_LIMITS = {"prediction_id": 64, "model_version": 64, "label": 128, "client_id": 128}
-_MAX_SCORE_LABEL = 128
 
 
 #: The existing label of a source for a prediction, or for a bare text (built once: construction is costly).
@@ -57,10 +52,6 @@ class FeedbackNotFoundError(FlywheelError):
     """No feedback with the given id."""
 
 
-class InvalidPredictionError(ValueError):
-    """A prediction event the store cannot hold (it goes to the dead-letter topic)."""
-
-
 class IngestResult(BaseModel):
     """What one ingested batch did."""
 
@@ -75,38 +66,6 @@ class ImportResult(BaseModel):
     created: int = 0
     updated: int = 0
     unchanged: int = 0
-
-
-def prediction_row(event: PredictionEvent, now: datetime) -> dict[str, Any]:
-    """The ``prediction`` row of an event, or InvalidPredictionError saying why it cannot be stored."""
-    for field, limit in _LIMITS.items():
-        value = getattr(event, field)
-        if value is not None and not 0 < len(value) <= limit:
-            raise InvalidPredictionError(f"{field} must be 1-{limit} characters, got {len(value)}")
-    if "\x00" in event.text:
-        raise InvalidPredictionError("text contains a NUL character")
-    if not event.scores:
-        raise InvalidPredictionError("scores is empty")
-    for name, value in event.scores.items():
-        if not 0 < len(name) <= _MAX_SCORE_LABEL or not math.isfinite(value):
-            raise InvalidPredictionError(f"scores has an invalid entry {name[:40]!r}: {value!r}")
-    if not (math.isfinite(event.confidence) and math.isfinite(event.latency_ms)):
-        raise InvalidPredictionError("confidence and latency_ms must be finite numbers")
-    return {
-        "prediction_id": event.prediction_id,
-        "model_version": event.model_version,
-        "text": event.text,
-        "label": event.label,
-        "confidence": event.confidence,
-        "scores": event.scores,
-        "margin": score_margin(event.scores),
-        "latency_ms": event.latency_ms,
-        "truncated": event.truncated,
-        "client_id": event.client_id,
-        "created_at": event.emitted_at,
-        "text_key": text_key(event.text),
-        "ingested_at": now,
-    }
 
 
 def one_of(column: Any, values: list[str], postgres: bool) -> ColumnElement[bool]:

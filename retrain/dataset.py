@@ -43,6 +43,9 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
     )
     feedback = feedback[feedback["text"] != ""]
     feedback["_key"] = feedback["text"].map(dedupe_key)
+    # The same labels make the same training set whatever order the store returned them in (labels written in
+    # one transaction share a timestamp), so a retrain is repeatable.
+    feedback = feedback.sort_values(["_key", "label", "feedback_id"], kind="stable", ignore_index=True)
 
     # Split by text, not by row: the same text labeled twice must not land on both sides.
     keys = np.array(sorted(feedback["_key"].unique()))

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from flywheel.cli import load_settings
-from flywheel.errors import FlywheelError
 
 app = typer.Typer()
 
@@ -21,7 +20,6 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Worker processes (default FLYWHEEL_SERVE_WORKERS).")] = None,
 ) -> None:
     """Serve the champion model over HTTP with BentoML until Ctrl-C; promoted models load without a restart."""
-    import importlib.util
     import os
 
     from flywheel.registry import ModelRegistry
@@ -29,9 +27,6 @@ def serve(
     settings = load_settings()
     if ModelRegistry(settings).champion() is None:
         typer.echo("warning: no champion model yet; /predict answers 503 until `flywheel train` promotes one", err=True)
-    spec = importlib.util.find_spec("service.service")
-    if spec is None or spec.origin is None:
-        raise FlywheelError("the `service` package is not importable; run from the Flywheel checkout")
     env = dict(os.environ)
     if workers is not None:
         env["FLYWHEEL_SERVE_WORKERS"] = str(workers)
@@ -40,7 +35,8 @@ def serve(
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     command = [
         sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
-        "--working-dir", str(Path(spec.origin).parent.parent),
+        # BentoML imports the service from the directory holding this package (the checkout or site-packages).
+        "--working-dir", str(Path(__file__).resolve().parent.parent),
         "--host", host or settings.serve_host,
         "--port", str(port or settings.serve_port),
     ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from feedback.prediction_rows import prediction_row
 from feedback.review import NearDuplicates, ReviewQueue
-from feedback.store import FeedbackStore, prediction_row
+from feedback.store import FeedbackStore
 from flywheel.events import utcnow
 from flywheel.models.feedback import FeedbackCreate
 from tests.feedback.conftest import prediction

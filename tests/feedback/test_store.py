@@ -11,9 +11,11 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from feedback.annotations import write_export
+from feedback.prediction_rows import prediction_row
 from feedback.stats import feedback_stats
-from feedback.store import FeedbackStore, prediction_row
+from feedback.store import FeedbackStore
 from flywheel.events import new_id, utcnow
+from flywheel.labels import LabelLedger
 from flywheel.models.feedback import Feedback, FeedbackCreate, FeedbackStatus, Prediction
 from tests.feedback.conftest import prediction
 
@@ -123,11 +125,15 @@ def test_retraining_reads_accepted_labels_and_marks_them_used(store: FeedbackSto
     ingest(store, event)
     on_prediction = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive", source="web"))
     store.import_labels([("terrible", "negative")], source="annotation")
-    rows = store.training_rows()
+    # Retraining reads what the store wrote through the core's ledger, never through the feedback package.
+    ledger = LabelLedger(store.database)
+    rows = ledger.training_rows()
     assert {(row.text, row.label) for row in rows} == {("quite nice", "positive"), ("terrible", "negative")}
+    assert ledger.count_new(None) == 2
 
-    assert store.mark_used([row.feedback_id for row in rows], "v7") == 2
-    assert store.training_rows() == []
+    assert ledger.mark_used([row.feedback_id for row in rows], "v7") == 2
+    assert ledger.training_rows() == []
+    assert ledger.count_new(None) == 0
     used = store.get(on_prediction.feedback_id)
     assert used.status == FeedbackStatus.USED and used.used_by_version == "v7"
 

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
+from feedback.prediction_rows import prediction_row
 from feedback.ratelimit import RateLimiter
 from feedback.stats import feedback_stats
-from feedback.store import FeedbackStore, prediction_row
+from feedback.store import FeedbackStore
 from feedback.vetting import Vetter
 from flywheel.events import utcnow
 from flywheel.models.feedback import FeedbackCreate, FeedbackStatus

@@ -79,7 +79,8 @@ def test_spills_while_broker_is_down_and_replays_in_order_when_it_is_back(tmp_pa
         with EmbeddedBroker(port=port):
             for event in events[20:]:
                 publisher.publish(event)
-            _wait(lambda: publisher.stats().sent == 30)
+            # The state turns connected on the replay step after the last chunk's acknowledgements are counted.
+            _wait(lambda: publisher.stats().sent == 30 and publisher.state is PublisherState.CONNECTED)
             assert publisher.state is PublisherState.CONNECTED
             assert publisher.stats().spill_bytes == 0
             wanted = [e.prediction_id for e in events]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from feedback.store import FeedbackStore, prediction_row
+from feedback.prediction_rows import prediction_row
+from feedback.store import FeedbackStore
 from flywheel.database import Database
 from flywheel.events import PredictionEvent, new_id, utcnow
 from flywheel.models.feedback import FeedbackCreate

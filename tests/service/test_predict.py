@@ -91,9 +91,10 @@ def test_concurrent_requests_are_batched_together(client: TestClient) -> None:
     assert batches < requests / 2, f"{requests:.0f} concurrent requests ran in {batches:.0f} batches"
 
 
-def test_metrics_expose_predictions_confidence_batches_and_kafka_events(client: httpx.Client, service_url: str) -> None:
-    version = client.get("/model").json()["version"]
-    client.post("/predict", json={"texts": ["great", "awful"]})
+def test_metrics_expose_predictions_confidence_batches_and_kafka_events(service_url: str) -> None:
+    version = httpx.get(f"{service_url}/model", timeout=30).json()["version"]
+    answer = httpx.post(f"{service_url}/predict", json={"texts": ["great", "awful"]}, timeout=30)
+    assert answer.status_code == 200, answer.text
     assert metric(service_url, "flywheel_predictions_total", label="positive", model_version=version) >= 1
     assert metric(service_url, "flywheel_predictions_total", label="negative", model_version=version) >= 1
     assert metric(service_url, "flywheel_prediction_confidence_count") >= 2
