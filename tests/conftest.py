@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -182,9 +185,7 @@ def running_service(
     tag, served from ``cwd`` (default: the repository root).
     The server's output goes to ``<home>/serve-<port>.log``; the whole process group is killed on exit.
     """
-    import os
     import signal
-    import subprocess
     import sys
 
     port = port or free_port()
@@ -366,3 +367,41 @@ class TcpProxy:
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``flywheel ARGS`` in this process, as the console script runs it: its output, errors and exit code.
+
+    For commands that finish by themselves (no servers, nothing waiting for a signal); it saves each call the
+    seconds a new interpreter spends importing torch and friends. ``env`` is applied to ``os.environ`` for the call
+    only, and the logging set-up and signal handlers the command installs are undone afterwards.
+    """
+    import io
+    import signal
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from stack.cli import main
+
+    saved_env = dict(os.environ)
+    root = logging.getLogger()
+    saved_logging = (root.handlers[:], root.level, sys.argv)
+    # Some commands (`retrain now`) install signal handlers; this process keeps its own.
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    os.environ.update(env)
+    sys.argv = ["flywheel", *args]
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:], level, sys.argv = saved_logging
+        root.setLevel(level)
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["flywheel", *args], code, stdout.getvalue(), stderr.getvalue())

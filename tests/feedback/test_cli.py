@@ -1,12 +1,9 @@
-"""``flywheel feedback import|export|stats`` run as a user would: as subprocesses."""
+"""``flywheel feedback import|export|stats|vet|review|resolve|source`` through the console script's ``main``."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,17 +12,13 @@ import pytest
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.events import FeedbackEvent, Topic
-from tests.conftest import copy_home, read_topic, scratch_database_url
+from tests.conftest import copy_home, read_topic, run_cli, scratch_database_url
 
 pytestmark = pytest.mark.slow
 
-FLYWHEEL = shutil.which("flywheel") or str(Path(os.sys.executable).parent / "flywheel")  # type: ignore[attr-defined]
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FLYWHEEL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
-    )
+run = run_cli
 
 
 @pytest.fixture()

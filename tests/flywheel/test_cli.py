@@ -1,4 +1,5 @@
-"""The ``flywheel`` console script, run as a user would: as a subprocess."""
+"""The ``flywheel`` commands: in this process through the console script's ``main``, and once as the installed
+script in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
+
 pytestmark = pytest.mark.slow
+run = run_cli
 
 FLYWHEEL = shutil.which("flywheel") or str(Path(os.sys.executable).parent / "flywheel")  # type: ignore[attr-defined]
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FLYWHEEL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False
     )
@@ -69,7 +73,8 @@ def test_user_errors_print_one_line_and_exit_nonzero(
 def test_bad_file_prints_one_line(flywheel_env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("review,label\nnice,pos\n")
-    result = run(flywheel_env, "train", "--data", str(bad))
+    # As a user runs it: the installed console script in its own process.
+    result = run_script(flywheel_env, "train", "--data", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: {bad} has no column 'text'; found ['review', 'label'] "

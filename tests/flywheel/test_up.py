@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cli
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
@@ -126,16 +126,12 @@ def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict
             assert http.post("/feedback", json=body).status_code == 202
         deadline = time.monotonic() + 90
         while True:
-            export = subprocess.run(
-                [FLYWHEEL, "feedback", "export"], env=env, capture_output=True, text=True, check=True
-            ).stdout
+            export = run_cli(env, "feedback", "export").stdout
             if export.count(",accepted") >= 160:
                 break
             assert time.monotonic() < deadline, export[-1000:]
             time.sleep(1)
-        retrain = subprocess.run(
-            [FLYWHEEL, "retrain", "now"], env=env, capture_output=True, text=True, timeout=600, check=False
-        )
+        retrain = run_cli(env, "retrain", "now")
         assert ": promoted" in retrain.stdout, retrain.stdout + retrain.stderr
         deadline = time.monotonic() + 30
         while http.get("/model").json()["version"] == first:

@@ -21,7 +21,7 @@ from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, Topic
 from flywheel.models.feedback import Prediction
-from tests.conftest import copy_home, free_port, read_topic, running_service
+from tests.conftest import copy_home, free_port, read_topic, run_cli, running_service
 from tests.monitoring import browser
 from tests.monitoring.conftest import GERMAN_WORDS, word_sentences
 
@@ -38,13 +38,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
         time.sleep(0.5)
-
-
-def flywheel(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the ``flywheel`` CLI with ``env`` and return its result."""
-    return subprocess.run(
-        [FLYWHEEL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 @dataclass
@@ -86,7 +79,7 @@ def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     try:
         with running_service(env) as base:
             wait_until(lambda: httpx.get(f"{base}/drift/reports", timeout=10).status_code == 200, 60, "the index")
-            empty_run = flywheel(env, "drift", "run")
+            empty_run = run_cli(env, "drift", "run")
 
             texts = word_sentences(GERMAN_WORDS, SHIFTED_ROWS, seed=7)
             ids: list[str] = []
@@ -107,7 +100,7 @@ def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
                 ingest.send_signal(signal.SIGTERM)
                 ingest.communicate(timeout=30)
 
-            run = flywheel(env, "drift", "run")
+            run = run_cli(env, "drift", "run")
             assert run.returncode == 0, run.stderr[-3000:]
             match = re.search(r"drift report ([0-9a-f-]{36}): (\w+)", run.stdout)
             assert match is not None, run.stdout

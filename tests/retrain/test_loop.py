@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from flywheel.broker import EmbeddedBroker
-from tests.conftest import app_client, copy_home, running_service
+from tests.conftest import app_client, copy_home, run_cli, running_service
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
@@ -77,20 +77,14 @@ def test_corrections_through_the_api_make_the_served_model_better(
         # Each correction is accepted once its prediction has come through Kafka into the store.
         deadline = time.monotonic() + 90
         while True:
-            stats = subprocess.run(
-                [FLYWHEEL, "feedback", "export"], env={**os.environ, **loop_env}, capture_output=True, text=True,
-                check=True,
-            ).stdout
+            stats = run_cli(loop_env, "feedback", "export").stdout
             if stats.count(",accepted") >= 160:
                 break
             assert time.monotonic() < deadline and ingest.poll() is None, stats[-2000:]
             time.sleep(1)
 
         assert http.post("/retrain").status_code == 401
-        retrain = subprocess.run(
-            [FLYWHEEL, "retrain", "now"], env={**os.environ, **loop_env}, capture_output=True, text=True, timeout=600,
-            check=False,
-        )
+        retrain = run_cli(loop_env, "retrain", "now")
         assert retrain.returncode == 0, retrain.stderr
         assert ": promoted" in retrain.stdout, retrain.stdout
 

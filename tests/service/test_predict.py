@@ -1,5 +1,4 @@
-"""Predictions over HTTP: the contract, batching and model info in-process; health, readiness and the summed
-metrics through a real `bentoml serve` process."""
+"""Predictions over HTTP in-process: the contract, batching across concurrent requests, model info."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import local_metric
-from tests.service.conftest import metric, samples
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +60,6 @@ def test_model_reports_version_labels_metrics_and_load_time(client: TestClient) 
     assert info["max_length"] == 32
 
 
-def test_health_and_readiness(service_url: str) -> None:
-    assert httpx.get(f"{service_url}/healthz", timeout=10).status_code == 200
-    ready = httpx.get(f"{service_url}/readyz", timeout=10)
-    assert ready.status_code == 200
-    components = ready.json()["components"]
-    assert set(components) == {"model", "batcher", "broker", "database", "hot_reload"}
-    assert all(state["up"] for state in components.values()), components
-    assert metric(service_url, "flywheel_component_up", component="database") == 1
-
-
 def test_concurrent_requests_are_batched_together(client: TestClient) -> None:
     batches_before = local_metric("flywheel_batch_requests_count")
     requests_before = local_metric("flywheel_batch_requests_sum")
@@ -89,17 +77,3 @@ def test_concurrent_requests_are_batched_together(client: TestClient) -> None:
     batches = local_metric("flywheel_batch_requests_count") - batches_before
     assert requests == 96
     assert batches < requests / 2, f"{requests:.0f} concurrent requests ran in {batches:.0f} batches"
-
-
-def test_metrics_expose_predictions_confidence_batches_and_kafka_events(service_url: str) -> None:
-    version = httpx.get(f"{service_url}/model", timeout=30).json()["version"]
-    answer = httpx.post(f"{service_url}/predict", json={"texts": ["great", "awful"]}, timeout=30)
-    assert answer.status_code == 200, answer.text
-    assert metric(service_url, "flywheel_predictions_total", label="positive", model_version=version) >= 1
-    assert metric(service_url, "flywheel_predictions_total", label="negative", model_version=version) >= 1
-    assert metric(service_url, "flywheel_prediction_confidence_count") >= 2
-    assert metric(service_url, "flywheel_batch_size_count") >= 1
-    assert metric(service_url, "flywheel_served_model", version=version) == 1
-    for outcome in ("sent", "spilled", "dropped"):
-        assert samples(service_url, "flywheel_kafka_events_total", topic="flywheel.predictions", outcome=outcome)
-    assert metric(service_url, "flywheel_kafka_events_total", topic="flywheel.predictions", outcome="sent") >= 1
