@@ -22,10 +22,12 @@ from pydantic import ValidationError
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
-from flywheel.auth import api_key_guard
+from flywheel.access import Caller
+from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
 from flywheel.errors import describe_validation_errors
 from flywheel.http import read_body
+from flywheel.models.access import Role
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
@@ -75,6 +77,7 @@ def create_router(
     database: BackgroundDatabase,
     publisher: EventPublisher,
     serving: Callable[[], ModelVersion | None],
+    access: Access,
 ) -> APIRouter:
     """The feedback routes for one service worker (see ``service.app`` for the contract)."""
     executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="feedback-db")
@@ -109,7 +112,6 @@ def create_router(
         "/feedback",
         status_code=202,
         response_model=FeedbackPublic,
-        dependencies=[Depends(api_key_guard(settings))],
         responses=errors,
         openapi_extra={
             "requestBody": {
@@ -120,6 +122,7 @@ def create_router(
     )
     async def post_feedback(
         request: Request,
+        caller: Annotated[Caller, Depends(access.require(Role.CLIENT))],
         backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
     ) -> JSONResponse:
         """Correct a prediction (``prediction_id``) or label a new text (``text``); answers 202 with its id."""
@@ -151,22 +154,28 @@ def create_router(
     )
     async def get_feedback(
         feedback_id: str,
+        caller: Annotated[Caller, Depends(access.require(Role.CLIENT))],
         backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
     ) -> FeedbackPublic:
-        """One piece of feedback with its current status, reason and vetting scores."""
+        """One piece of feedback with its status, reason and vetting scores: one's own, or any for a reviewer."""
         store, _ = backend
         try:
-            return await in_thread(store.get, feedback_id)
+            found = await in_thread(store.get, feedback_id)
         except FeedbackNotFoundError as exc:
             raise HTTPException(404, str(exc)) from exc
+        if found.source != caller.name and not caller.may(Role.REVIEWER, read_only=True):
+            # The same answer as for an unknown id: a client learns nothing about other principals' labels.
+            raise HTTPException(404, f"no feedback {feedback_id!r}")
+        return found
 
     @router.get("/review", response_model=list[ReviewItem], responses={503: errors[503]})
     async def review(
+        caller: Annotated[Caller, Depends(access.require(Role.ANNOTATOR, read_only=True))],
         backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many predictions to return.")] = 20,
     ) -> list[ReviewItem]:
         """Unlabeled recent predictions most worth a label: least confident first, near-duplicates collapsed."""
-        _, queue = backend
+        queue = backend[1]
         return await in_thread(queue.next, limit)
 
     return router

@@ -1,58 +1,74 @@
-"""Access control for the HTTP API: a bearer token for admin routes, optional API keys for clients."""
+"""Access control for the HTTP API: every route names the role it needs, and one dependency checks it.
+
+Credentials, in the order they are looked at: ``X-API-Key`` (a principal's key), ``Authorization: Bearer`` (the
+bootstrap admin token), the browser session cookie set by the login page. A wrong or revoked credential is 401;
+the right one without the role is 403. With no keys anywhere, callers are anonymous clients that may also read
+what reviewers read (local development, bound to loopback); once any key exists every protected route needs one.
+"""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 
-from fastapi import Header, HTTPException
+from fastapi import HTTPException, Request
 
-from flywheel.settings import Settings
+from flywheel.access import Caller, Principals
+from flywheel.models.access import Role
 
 API_KEY_HEADER = "X-API-Key"
+#: Cookie holding a browser's signed session (see ``flywheel.sessions``).
+SESSION_COOKIE = "flywheel_session"
 
 
-def _matches(given: str, expected: str) -> bool:
-    # Constant time, so response timing does not reveal how much of a guess was right.
-    return hmac.compare_digest(given.encode(), expected.encode())
+class Access:
+    """Builds the FastAPI dependencies that resolve and check the caller of a request."""
+
+    def __init__(self, principals: Principals, session_caller: Callable[[str], Caller | None] | None = None) -> None:
+        self.principals = principals
+        self.session_caller = session_caller
+
+    def caller(self, request: Request) -> Caller:
+        """Who sent ``request``; 401 for credentials that match no active principal."""
+        key = request.headers.get(API_KEY_HEADER)
+        if key is not None:
+            found = self.principals.by_key(key)
+            if found is None:
+                raise _unauthorized(f"API key wrong or revoked: send a valid key in the {API_KEY_HEADER} header")
+            return found
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            if self.principals.settings.admin_token is None:
+                raise HTTPException(
+                    403, "admin token login is disabled: set FLYWHEEL_ADMIN_TOKEN, or send an admin key in X-API-Key"
+                )
+            found = self.principals.by_admin_token(token.strip())
+            if found is None:
+                raise _unauthorized("admin token wrong: send `Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`")
+            return found
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie and self.session_caller is not None:
+            found = self.session_caller(cookie)
+            if found is not None:
+                return found
+        return self.principals.anonymous()
+
+    def require(self, role: Role, *, read_only: bool = False) -> Callable[[Request], Caller]:
+        """A dependency returning the caller once it may act as ``role``; ``read_only`` marks reviewer reads."""
+
+        def check(request: Request) -> Caller:
+            caller = self.caller(request)
+            # Anonymous callers are clients only while no key exists anywhere; after that they must authenticate.
+            if caller.may(role, read_only=read_only) and not (caller.anonymous and self.principals.keys_required()):
+                return caller
+            if caller.anonymous:
+                raise _unauthorized(
+                    f"this needs a {role} key: send it in the {API_KEY_HEADER} header "
+                    "(an admin creates keys with `flywheel keys create NAME --role ROLE`)"
+                )
+            raise HTTPException(403, f"{caller.name} is a {caller.role}; this needs the {role} role")
+
+        return check
 
 
-def admin_guard(settings: Settings) -> Callable[[str | None], None]:
-    """FastAPI dependency: 403 when no admin token is configured, 401 without the right bearer token."""
-    token = settings.admin_token.get_secret_value() if settings.admin_token else None
-
-    def require_admin(authorization: str | None = Header(default=None)) -> None:
-        if not token:
-            raise HTTPException(403, "admin endpoints are disabled: set FLYWHEEL_ADMIN_TOKEN to enable them")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given or not _matches(given.strip(), token):
-            raise HTTPException(
-                401, "admin token missing or wrong: send `Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return require_admin
-
-
-def verify_api_key(settings: Settings, given: str | None) -> None:
-    """With FLYWHEEL_API_KEYS set, raise 401 unless ``given`` is one of them."""
-    keys = [key.get_secret_value() for key in settings.api_keys]
-    if not keys:
-        return
-    # Compare against every key so the time taken does not depend on which one matched.
-    matched = [_matches(given or "", key) for key in keys]
-    if not given or not any(matched):
-        raise HTTPException(
-            401,
-            f"API key missing or wrong: send a key from FLYWHEEL_API_KEYS in the {API_KEY_HEADER} header",
-            headers={"WWW-Authenticate": "ApiKey"},
-        )
-
-
-def api_key_guard(settings: Settings) -> Callable[[str | None], None]:
-    """FastAPI dependency form of :func:`verify_api_key`."""
-
-    def require_api_key(x_api_key: str | None = Header(default=None)) -> None:
-        verify_api_key(settings, x_api_key)
-
-    return require_api_key
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": "ApiKey"})

@@ -14,10 +14,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from flywheel.auth import admin_guard
+from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database, DatabaseError
 from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
+from flywheel.models.access import Role
 from flywheel.models.drift import DriftReportPublic, DriftTargetPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
@@ -112,12 +113,14 @@ def create_router(
     database: BackgroundDatabase,
     publisher: EventPublisher,
     serving: Callable[[], ModelVersion | None],
+    access: Access,
 ) -> APIRouter:
     """The drift routes for one service worker (see ``service.app`` for the contract)."""
     gauges = _Gauges(database)
     archive = ReportArchive(settings.home)
     runs = _Runs(settings, publisher, database)
-    router = APIRouter(tags=["drift"])
+    # Drift pages show traffic texts: reviewers (and local readers while no keys exist) only.
+    router = APIRouter(tags=["drift"], dependencies=[Depends(access.require(Role.REVIEWER, read_only=True))])
 
     def drift_store(db: Annotated[Database, Depends(database.get)]) -> DriftStore:
         return DriftStore(db)
@@ -182,7 +185,7 @@ def create_router(
     @router.post(
         "/drift/run",
         status_code=202,
-        dependencies=[Depends(admin_guard(settings))],
+        dependencies=[Depends(access.require(Role.ADMIN))],
         responses={409: {"description": "A run is in progress."}},
     )
     async def drift_run() -> dict[str, Any]:

@@ -8,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from flywheel.auth import admin_guard
+from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
+from flywheel.models.access import Role
 from flywheel.models.retrain import RetrainRunPublic, RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
@@ -22,6 +23,7 @@ def create_router(
     database: BackgroundDatabase,
     publisher: EventPublisher,
     serving: Callable[[], ModelVersion | None],
+    access: Access,
 ) -> APIRouter:
     """``POST /retrain`` queues a run for the worker; ``GET /retrain/runs`` lists runs, newest first."""
     registry = ModelRegistry(settings)
@@ -31,12 +33,12 @@ def create_router(
         return RetrainRunner(settings, db, registry)
 
 
-    @router.post("/retrain", status_code=202, dependencies=[Depends(admin_guard(settings))])
+    @router.post("/retrain", status_code=202, dependencies=[Depends(access.require(Role.ADMIN))])
     def request_retrain(runs: Annotated[RetrainRunner, Depends(runner)]) -> RetrainRunPublic:
         """Queue a retrain; the worker starts it within seconds. An already queued run is returned as is."""
         return runs.request(RunTrigger.API, reason="requested through POST /retrain")
 
-    @router.get("/retrain/runs")
+    @router.get("/retrain/runs", dependencies=[Depends(access.require(Role.REVIEWER, read_only=True))])
     def list_runs(
         runs: Annotated[RetrainRunner, Depends(runner)],
         limit: int = Query(50, ge=1, le=500),

@@ -1,7 +1,7 @@
 """The app factory: the whole HTTP API of one worker, built from the parts it is given.
 
-``create_app(settings, database, publisher, serving)`` is what the BentoML service mounts, and what tests build
-in-process with a real database, a real broker and a tiny real model. Router contract for other packages: a
+``create_app(settings, database, publisher, serving, principals)`` is what the BentoML service mounts, and what tests
+build in-process with a real database, a real broker and a tiny real model. Router contract for other packages: a
 package serving HTTP routes exposes::
 
     def create_router(
@@ -9,15 +9,17 @@ package serving HTTP routes exposes::
         database: flywheel.database.BackgroundDatabase,
         publisher: flywheel.publisher.EventPublisher,
         serving: Callable[[], flywheel.registry.ModelVersion | None],
+        access: flywheel.auth.Access,
     ) -> fastapi.APIRouter
 
 ``database`` is the worker's one database, opened in the background: routes take it as a FastAPI dependency
 (``Depends(database.get)``), and while it is not open or not reachable the app answers 503 (one handler below, for
 ``DatabaseError`` and SQLAlchemy's connection errors) while ``/predict`` keeps working. ``publisher`` is the
 worker's non-blocking Kafka publisher (``publisher.publish(event)``); ``serving()`` returns the registry entry of
-the model served right now (None before the first one has loaded). Raise ``fastapi.HTTPException(status,
-message)`` for refusals: clients get ``{"detail": message}``; invalid bodies are answered 422 with a one-line
-``detail`` written by ``flywheel.errors.describe_validation_errors``.
+the model served right now (None before the first one has loaded). Every route declares the role it needs with
+``Depends(access.require(Role.X))``, which also hands it the ``Caller`` (see ``flywheel.auth``). Raise
+``fastapi.HTTPException(status, message)`` for refusals: clients get ``{"detail": message}``; invalid bodies are
+answered 422 with a one-line ``detail`` written by ``flywheel.errors.describe_validation_errors``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from feedback.api import create_router as feedback_routes
+from flywheel.access import Principals
+from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, DatabaseError
 from flywheel.errors import describe_validation_errors
 from flywheel.publisher import EventPublisher
@@ -55,18 +59,20 @@ def create_app(
     database: BackgroundDatabase,
     publisher: EventPublisher,
     serving: ModelServer,
+    principals: Principals,
     *,
     readiness: Readiness | None = None,
 ) -> FastAPI:
     """Every route of the service; ``readiness``, when given, also answers ``GET /readyz`` (in-process use)."""
+    access = Access(principals)
     app = FastAPI(
         title="Flywheel",
         description="Text classification with a feedback loop: predictions, model info, feedback and monitoring.",
         version="1",
     )
-    app.include_router(prediction_routes(settings, publisher, serving, service_metrics()))
+    app.include_router(prediction_routes(settings, publisher, serving, service_metrics(), access))
     for routes in (feedback_routes, retrain_routes, drift_routes):
-        app.include_router(routes(settings, database, publisher, serving.entry))
+        app.include_router(routes(settings, database, publisher, serving.entry, access))
 
     @app.exception_handler(BadRequestError)
     async def _rejected(_: Request, exc: BadRequestError) -> JSONResponse:

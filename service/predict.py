@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from flywheel.auth import API_KEY_HEADER, verify_api_key
+from flywheel.auth import Access
 from flywheel.events import PredictionEvent, new_id
 from flywheel.http import read_body
+from flywheel.models.access import Role
 from flywheel.publisher import EventPublisher
 from flywheel.settings import Settings
 from service.metrics import ServiceMetrics
@@ -23,10 +24,10 @@ MAX_CLIENT_ID_CHARS = 128
 
 
 def create_router(
-    settings: Settings, publisher: EventPublisher, serving: ModelServer, metrics: ServiceMetrics
+    settings: Settings, publisher: EventPublisher, serving: ModelServer, metrics: ServiceMetrics, access: Access
 ) -> APIRouter:
-    """The prediction routes of one worker."""
-    router = APIRouter(tags=["predictions"])
+    """The prediction routes of one worker; clients (any principal) may call them."""
+    router = APIRouter(tags=["predictions"], dependencies=[Depends(access.require(Role.CLIENT))])
     # Every valid body fits in this many bytes (a JSON-escaped character takes at most 6).
     body_limit = settings.predict_max_texts * (settings.predict_max_chars * 6 + 8) + 4096
 
@@ -50,7 +51,6 @@ def create_router(
     async def predict(request: Request) -> JSONResponse:
         """Classify ``text`` or ``texts``; each prediction gets an id to quote in feedback."""
         started = time.perf_counter()
-        verify_api_key(settings, request.headers.get(API_KEY_HEADER))
         body = await read_body(request, body_limit, "request")
         texts = parse_predict_body(body, settings.predict_max_texts, settings.predict_max_chars)
         result = await serving.predict(texts)

@@ -43,7 +43,7 @@ def _component_gauge() -> Any:
 
     return Gauge(
         "flywheel_component_up",
-        "1 while a component of the worker works: model, batcher, broker, database, hot_reload.",
+        "1 while a component of the worker works: model, batcher, broker, database, hot_reload, access.",
         ["component"],
         multiprocess_mode="livemin",
     )
@@ -93,12 +93,18 @@ class Readiness:
     """Evaluates the worker's components for ``/readyz`` and the component gauge."""
 
     def __init__(
-        self, serving: ModelServer, publisher: EventPublisher, database: DatabaseProbe, reload_alive: Callable[[], bool]
+        self,
+        serving: ModelServer,
+        publisher: EventPublisher,
+        database: DatabaseProbe,
+        reload_alive: Callable[[], bool],
+        principals_loaded: Callable[[], bool],
     ) -> None:
         self.serving = serving
         self.publisher = publisher
         self.database = database
         self.reload_alive = reload_alive
+        self.principals_loaded = principals_loaded
         self._was_ready = False
 
     def components(self) -> dict[str, ComponentState]:
@@ -117,6 +123,10 @@ class Readiness:
             ),
             "database": self.database.state,
             "hot_reload": ComponentState(self.reload_alive(), "watching the champion pointer"),
+            # Until the keys are loaded every protected route refuses callers (access fails closed).
+            "access": ComponentState(
+                self.principals_loaded(), "keys loaded" if self.principals_loaded() else "loading keys"
+            ),
         }
 
     def evaluate(self) -> tuple[bool, dict[str, ComponentState]]:
@@ -125,7 +135,7 @@ class Readiness:
         gauge = _component_gauge()
         for name, state in components.items():
             gauge.labels(component=name).set(1 if state.up else 0)
-        predicting = all(components[name].up for name in ("model", "batcher", "broker"))
+        predicting = all(components[name].up for name in ("model", "batcher", "broker", "access"))
         ready = predicting and (self._was_ready or components["database"].up)
         self._was_ready = self._was_ready or ready
         return ready, components

@@ -15,6 +15,7 @@ import bentoml
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from flywheel.access import Principals
 from flywheel.database import BackgroundDatabase
 from flywheel.logs import configure_worker_logging
 from flywheel.publisher import EventPublisher
@@ -96,9 +97,12 @@ class TextClassifier:
         self.publisher = EventPublisher(self.settings, name="service").start()
         self.database = BackgroundDatabase(self.settings, pool_size=DATABASE_POOL_SIZE).start()
         self.serving = ModelServer(self.settings, ModelRegistry(self.settings), service_metrics()).start()
+        self.principals = Principals(self.settings, self.database).start()
         self.probe = DatabaseProbe(self.database).start()
-        self.readiness = Readiness(self.serving, self.publisher, self.probe, self.serving.watcher.alive)
-        shell.mount("/", create_app(self.settings, self.database, self.publisher, self.serving))
+        self.readiness = Readiness(
+            self.serving, self.publisher, self.probe, self.serving.watcher.alive, self.principals.loaded
+        )
+        shell.mount("/", create_app(self.settings, self.database, self.publisher, self.serving, self.principals))
 
     def __is_ready__(self) -> bool:
         return self.readiness.evaluate()[0]
@@ -107,6 +111,7 @@ class TextClassifier:
     def shutdown(self) -> None:
         """Stop reloading and batching, then flush (or spill) the queued events."""
         self.probe.stop()
+        self.principals.stop()
         self.serving.stop()
         self.publisher.close()
         self.database.close()

@@ -252,15 +252,19 @@ def settings_from(env: dict[str, str]) -> Settings:
 
 
 @contextmanager
-def app_client(env: dict[str, str], *, wait_ready: bool = True, timeout: float = 60.0) -> Iterator[TestClient]:
+def app_client(
+    env: dict[str, str], *, wait_ready: bool = True, timeout: float = 60.0, headers: dict[str, str] | None = None
+) -> Iterator[TestClient]:
     """The service's whole HTTP API in this process: ``create_app`` on a real database, broker and model.
 
-    ``env`` is as for ``running_service``. Yields a client once ``/readyz`` answers 200 (unless ``wait_ready`` is
-    false); everything is stopped, and queued events flushed, on exit.
+    ``env`` is as for ``running_service``. Yields a client (sending ``headers`` with every request) once
+    ``/readyz`` answers 200 (unless ``wait_ready`` is false); everything is stopped, and queued events flushed,
+    on exit.
     """
 
     from fastapi.testclient import TestClient
 
+    from flywheel.access import Principals
     from flywheel.database import BackgroundDatabase
     from flywheel.publisher import EventPublisher
     from flywheel.registry import ModelRegistry
@@ -273,11 +277,12 @@ def app_client(env: dict[str, str], *, wait_ready: bool = True, timeout: float =
     publisher = EventPublisher(settings, name="test-app").start()
     database = BackgroundDatabase(settings, pool_size=8).start()
     serving = ModelServer(settings, ModelRegistry(settings), service_metrics()).start()
+    principals = Principals(settings, database, refresh_seconds=0.5).start()
     probe = DatabaseProbe(database, interval=0.5).start()
-    readiness = Readiness(serving, publisher, probe, serving.watcher.alive)
+    readiness = Readiness(serving, publisher, probe, serving.watcher.alive, principals.loaded)
     try:
-        app = create_app(settings, database, publisher, serving, readiness=readiness)
-        with TestClient(app, raise_server_exceptions=False) as client:
+        app = create_app(settings, database, publisher, serving, principals, readiness=readiness)
+        with TestClient(app, raise_server_exceptions=False, headers=headers) as client:
             deadline = time.monotonic() + timeout
             while wait_ready and (ready := client.get("/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, f"app not ready after {timeout:.0f}s: {ready.text}"
@@ -285,6 +290,7 @@ def app_client(env: dict[str, str], *, wait_ready: bool = True, timeout: float =
             yield client
     finally:
         probe.stop()
+        principals.stop()
         serving.stop()
         publisher.close()
         database.close()

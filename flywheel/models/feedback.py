@@ -126,6 +126,10 @@ class Feedback(FeedbackBase, table=True):
     )
 
     feedback_id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    #: What the client wrote as `source`: a free-text note that grants nothing (``source`` is the principal).
+    note: str | None = Field(default=None, max_length=64)
+    #: The reviewer who confirmed this label; confirmed labels count as trusted (the gate may be judged on them).
+    confirmed_by: str | None = Field(default=None, max_length=64)
     prediction_id: str | None = Field(default=None, max_length=64)
     #: The prediction's text once joined, or the labeled text itself.
     text: str | None = Field(default=None, sa_type=Text)
@@ -194,3 +198,13 @@ class FeedbackSourcePublic(FeedbackSourceBase):
     def reliability(self) -> float:
         """Share of scored labels that were not possible label errors (Laplace-smoothed)."""
         return (self.scored - self.label_issues + 1) / (self.scored + 2)
+
+
+class RateWindow(SQLModel, table=True):
+    """Requests a principal made in one rate-limit window, shared by every service worker and host."""
+
+    __tablename__ = "rate_window"
+
+    principal: str = Field(primary_key=True, max_length=64)
+    window_start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    count: int = 0

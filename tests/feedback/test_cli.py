@@ -100,7 +100,7 @@ def test_untrusted_import_is_vetted_by_the_champion_then_reviewed(
     assert unmigrated.stderr.strip().endswith("run `flywheel db upgrade` first"), unmigrated.stderr
     upgraded = run(env, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "is at schema monitoring_0001" in upgraded.stdout
+    assert "is at schema " in upgraded.stdout and "no tables" not in upgraded.stdout
     crowd = tmp_path / "crowd.csv"
     crowd.write_text("text,label\ngood great excellent wonderful,negative\nbad awful terrible,negative\n")
     assert run(env, "feedback", "import", str(crowd), "--source", "crowd").returncode == 0

@@ -18,6 +18,8 @@ from tests.service.conftest import FAST_ENV
 pytestmark = pytest.mark.slow
 
 FEEDBACK = {"text": "a calm and lovely film", "label": "positive"}
+#: A key from FLYWHEEL_API_KEYS: known without the database, so it works while the database is down at start.
+KEY = {"X-API-Key": "readiness-test-key"}
 
 
 def test_service_waits_for_a_first_champion(
@@ -61,9 +63,10 @@ def test_ready_only_with_the_database_then_an_outage_keeps_predictions_in_rotati
             "FLYWHEEL_DATABASE_URL": parsed.set(port=proxy.port).render_as_string(hide_password=False),
             "FLYWHEEL_DATABASE_READY_TIMEOUT": "1",
             "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "FLYWHEEL_API_KEYS": KEY["X-API-Key"],
         }
         try:
-            with app_client(env, wait_ready=False) as http:
+            with app_client(env, wait_ready=False, headers=KEY) as http:
                 # Starting with the database down: predictions work, but the worker does not take traffic yet,
                 # because the README's feedback and review steps would fail.
                 wait_until(lambda: http.get("/model").status_code == 200, what="the model")
@@ -77,9 +80,10 @@ def test_ready_only_with_the_database_then_an_outage_keeps_predictions_in_rotati
                 wait_until(lambda: http.get("/readyz").status_code == 200, timeout=60, what="readiness")
                 # Ready means every route the README walks through answers on the first try.
                 assert http.post("/feedback", json=FEEDBACK).status_code == 202
-                assert http.get("/review").status_code == 200
-                assert http.get("/drift").status_code == 200
-                assert http.get("/retrain/runs").status_code == 200
+                # Reviewer reads need a reviewer: a client key is refused (403), not failed (5xx).
+                assert http.get("/review").status_code == 403
+                assert http.get("/drift").status_code == 403
+                assert http.get("/retrain/runs").status_code == 403
 
                 proxy.stop()
                 wait_until(

@@ -18,7 +18,7 @@ def test_health_and_readiness(service_url: str) -> None:
     ready = httpx.get(f"{service_url}/readyz", timeout=10)
     assert ready.status_code == 200
     components = ready.json()["components"]
-    assert set(components) == {"model", "batcher", "broker", "database", "hot_reload"}
+    assert set(components) == {"model", "batcher", "broker", "database", "hot_reload", "access"}
     assert all(state["up"] for state in components.values()), components
     assert metric(service_url, "flywheel_component_up", component="database") == 1
 
