@@ -1,4 +1,8 @@
-"""Feedback routes mounted on the service: ``POST /feedback``, ``GET /feedback/{id}``, ``GET /review``.
+"""Feedback routes mounted on the service: ``POST /feedback``, ``GET /feedback/{id}``, ``GET /review``, and the
+reviewer's ``POST /feedback/{id}/confirm|resolve`` and ``POST /sources/{name}/trust|distrust|quarantine|release``.
+
+A label's source is the principal that sent it; what a client writes as ``source`` is kept as a note and grants
+nothing. Rate limits are per principal and shared by every worker (see ``feedback.ratelimit``).
 
 The worker's one database is opened in the background, so predictions are served even while it is down; these
 routes get it through a FastAPI dependency, and the app answers 503 while it is unreachable.
@@ -10,25 +14,27 @@ routes get it through a FastAPI dependency, and the app answers 503 while it is 
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from feedback.decisions import FeedbackConflictError, FeedbackNotFoundError
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
-from feedback.store import FeedbackNotFoundError, FeedbackStore, feedback_event
+from feedback.store import FeedbackStore, feedback_event
 from flywheel.access import Caller
 from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
 from flywheel.errors import describe_validation_errors
 from flywheel.http import read_body
 from flywheel.models.access import Role
-from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
+from flywheel.models.feedback import FeedbackCreate, FeedbackPublic, FeedbackSourcePublic, InvalidSourceError
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
@@ -36,8 +42,8 @@ from flywheel.settings import Settings
 logger = logging.getLogger(__name__)
 
 EXAMPLE = (
-    '{"prediction_id": "<id from /predict>", "label": "positive", "source": "web"} '
-    'or {"text": "a new text", "label": "negative", "source": "annotation"}'
+    '{"prediction_id": "<id from /predict>", "label": "positive"} '
+    'or {"text": "a new text", "label": "negative", "comment": "why"}'
 )
 #: Bytes a JSON body may take per character of text (\\uXXXX escapes), plus room for the other fields.
 _BYTES_PER_CHAR = 6
@@ -45,6 +51,44 @@ _BODY_OVERHEAD = 4096
 #: Threads doing database work per worker: few threads contend less for the GIL than one per request.
 DB_THREADS = 4
 T = TypeVar("T")
+
+
+class Backend(NamedTuple):
+    """What the routes use of one opened database."""
+
+    store: FeedbackStore
+    queue: ReviewQueue
+    limiter: RateLimiter
+
+
+class Verdict(BaseModel):
+    """Body of ``POST /feedback/{id}/resolve``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accept: bool
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class Quarantine(BaseModel):
+    """Body of ``POST /sources/{name}/quarantine``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@contextmanager
+def answered() -> Iterator[None]:
+    """Turn the store's refusals into HTTP answers: unknown id 404, a used or text-less label 409, a bad name 422."""
+    try:
+        yield
+    except FeedbackNotFoundError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except FeedbackConflictError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except InvalidSourceError as exc:
+        raise HTTPException(422, str(exc)) from exc
 
 
 def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
@@ -81,19 +125,17 @@ def create_router(
 ) -> APIRouter:
     """The feedback routes for one service worker (see ``service.app`` for the contract)."""
     executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="feedback-db")
-    parts: dict[int, tuple[FeedbackStore, ReviewQueue]] = {}
+    parts: dict[int, Backend] = {}
 
-    def store_and_queue(db: Annotated[Database, Depends(database.get)]) -> tuple[FeedbackStore, ReviewQueue]:
+    def backend_of(db: Annotated[Database, Depends(database.get)]) -> Backend:
         # Built once per opened database (there is one per process): the store prepares statements up front.
         if id(db) not in parts:
-            parts[id(db)] = (FeedbackStore(db, settings), ReviewQueue(db, settings))
+            parts[id(db)] = Backend(FeedbackStore(db, settings), ReviewQueue(db, settings), RateLimiter(db, settings))
         return parts[id(db)]
-
 
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, partial(function, *args))
 
-    limiter = RateLimiter(settings.feedback_rate_limit)
     body_limit = (settings.max_text_chars + settings.feedback_max_comment_chars) * _BYTES_PER_CHAR + _BODY_OVERHEAD
     router = APIRouter(tags=["feedback"])
     errors: dict[int | str, dict[str, Any]] = {
@@ -101,9 +143,10 @@ def create_router(
         for status, text in (
             (400, "Body is not JSON."),
             (404, "No feedback with this id."),
+            (409, "The label was already used for training, or its prediction has not arrived."),
             (413, "Body too large."),
             (422, "Invalid body, or a label the serving model does not know."),
-            (429, "Too much feedback from this source; see Retry-After."),
+            (429, "Too much feedback from this principal; see Retry-After."),
             (503, "No model loaded yet, or the feedback store is unreachable."),
         )
     }
@@ -123,9 +166,12 @@ def create_router(
     async def post_feedback(
         request: Request,
         caller: Annotated[Caller, Depends(access.require(Role.CLIENT))],
-        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
+        backend: Annotated[Backend, Depends(backend_of)],
     ) -> JSONResponse:
-        """Correct a prediction (``prediction_id``) or label a new text (``text``); answers 202 with its id."""
+        """Correct a prediction (``prediction_id``) or label a new text (``text``); answers 202 with its id.
+
+        The label belongs to the calling principal; a ``source`` in the body is kept as a note only.
+        """
         body = await read_body(request, body_limit, "feedback")
         create = parse_feedback_body(body, settings)
         model = serving()
@@ -136,16 +182,16 @@ def create_router(
             raise HTTPException(
                 422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
             )
-        wait = limiter.acquire(create.source)
+        wait = await in_thread(backend.limiter.acquire, caller.name, caller.role)
         if wait > 0:
             raise HTTPException(
                 429,
-                f"source {create.source!r} sent more than {settings.feedback_rate_limit} feedback per minute; "
+                f"{caller.name!r} sent more than {backend.limiter.limit(caller.role)} feedback requests this minute; "
                 f"retry in {wait:.0f}s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        store, _ = backend
-        saved = await in_thread(store.submit, create)
+        with answered():
+            saved = await in_thread(backend.store.submit, create, caller.name)
         publisher.publish(feedback_event(saved))
         return JSONResponse(saved.model_dump(mode="json"), status_code=202)
 
@@ -155,27 +201,82 @@ def create_router(
     async def get_feedback(
         feedback_id: str,
         caller: Annotated[Caller, Depends(access.require(Role.CLIENT))],
-        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
+        backend: Annotated[Backend, Depends(backend_of)],
     ) -> FeedbackPublic:
         """One piece of feedback with its status, reason and vetting scores: one's own, or any for a reviewer."""
-        store, _ = backend
-        try:
-            found = await in_thread(store.get, feedback_id)
-        except FeedbackNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from exc
+        with answered():
+            found = await in_thread(backend.store.get, feedback_id)
         if found.source != caller.name and not caller.may(Role.REVIEWER, read_only=True):
             # The same answer as for an unknown id: a client learns nothing about other principals' labels.
             raise HTTPException(404, f"no feedback {feedback_id!r}")
         return found
 
+    decided: dict[int | str, dict[str, Any]] = {code: errors[code] for code in (404, 409, 503)}
+
+    @router.post("/feedback/{feedback_id}/confirm", response_model=FeedbackPublic, responses=decided)
+    async def confirm_feedback(
+        feedback_id: str,
+        caller: Annotated[Caller, Depends(access.require(Role.REVIEWER))],
+        backend: Annotated[Backend, Depends(backend_of)],
+    ) -> FeedbackPublic:
+        """Vouch for a held or untrusted label: it is accepted and counts as trusted (audited)."""
+        with answered():
+            return await in_thread(backend.store.confirm, feedback_id, caller.name)
+
+    @router.post("/feedback/{feedback_id}/resolve", response_model=FeedbackPublic, responses=decided)
+    async def resolve_feedback(
+        feedback_id: str,
+        verdict: Verdict,
+        caller: Annotated[Caller, Depends(access.require(Role.REVIEWER))],
+        backend: Annotated[Backend, Depends(backend_of)],
+    ) -> FeedbackPublic:
+        """Accept or reject a label, with the reason for the record (audited)."""
+        with answered():
+            return await in_thread(backend.store.resolve, feedback_id, verdict.accept, verdict.reason, caller.name)
+
+    sourced: dict[int | str, dict[str, Any]] = {code: errors[code] for code in (422, 503)}
+    reviewer = Annotated[Caller, Depends(access.require(Role.REVIEWER))]
+
+    async def change_source(backend: Backend, name: str, caller: Caller, **change: Any) -> FeedbackSourcePublic:
+        with answered():
+            return await in_thread(partial(backend.store.set_source, name, actor=caller.name, **change))
+
+    # Source names may contain "/" (principal names do), hence the path converters.
+    @router.post("/sources/{name:path}/trust", response_model=FeedbackSourcePublic, responses=sourced)
+    async def trust_source(
+        name: str, caller: reviewer, backend: Annotated[Backend, Depends(backend_of)]
+    ) -> FeedbackSourcePublic:
+        """Accept a source's labels without the evidence checks, its open labels included (audited)."""
+        return await change_source(backend, name, caller, trusted=True)
+
+    @router.post("/sources/{name:path}/distrust", response_model=FeedbackSourcePublic, responses=sourced)
+    async def distrust_source(
+        name: str, caller: reviewer, backend: Annotated[Backend, Depends(backend_of)]
+    ) -> FeedbackSourcePublic:
+        """Vet a source's labels again, its open labels included (audited)."""
+        return await change_source(backend, name, caller, trusted=False)
+
+    @router.post("/sources/{name:path}/quarantine", response_model=FeedbackSourcePublic, responses=sourced)
+    async def quarantine_source(
+        name: str, body: Quarantine, caller: reviewer, backend: Annotated[Backend, Depends(backend_of)]
+    ) -> FeedbackSourcePublic:
+        """Hold a source's new and accepted, unused labels for review (audited)."""
+        return await change_source(backend, name, caller, quarantined=True, reason=body.reason)
+
+    @router.post("/sources/{name:path}/release", response_model=FeedbackSourcePublic, responses=sourced)
+    async def release_source(
+        name: str, caller: reviewer, backend: Annotated[Backend, Depends(backend_of)]
+    ) -> FeedbackSourcePublic:
+        """Lift a source's quarantine (audited)."""
+        return await change_source(backend, name, caller, quarantined=False)
+
     @router.get("/review", response_model=list[ReviewItem], responses={503: errors[503]})
     async def review(
         caller: Annotated[Caller, Depends(access.require(Role.ANNOTATOR, read_only=True))],
-        backend: Annotated[tuple[FeedbackStore, ReviewQueue], Depends(store_and_queue)],
+        backend: Annotated[Backend, Depends(backend_of)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many predictions to return.")] = 20,
     ) -> list[ReviewItem]:
         """Unlabeled recent predictions most worth a label: least confident first, near-duplicates collapsed."""
-        queue = backend[1]
-        return await in_thread(queue.next, limit)
+        return await in_thread(backend.queue.next, limit)
 
     return router

@@ -1,10 +1,13 @@
-"""Feedback commands: `flywheel ingest`, `flywheel feedback import|export|stats|review|resolve|vet|source`."""
+"""Feedback commands: `flywheel ingest`, `flywheel feedback import|export|stats|review|resolve|confirm|vet`,
+`flywheel sources list|trust|distrust|quarantine|release`."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,10 +15,30 @@ from rich.table import Table
 from flywheel.cli import console, load_settings
 from flywheel.errors import FlywheelError
 
+if TYPE_CHECKING:
+    from feedback.store import FeedbackStore
+    from flywheel.models.feedback import FeedbackSourcePublic
+
 app = typer.Typer()
 feedback_app = typer.Typer(help="The feedback store: annotations in, labels out, statistics, review.",
                            no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
+sources_app = typer.Typer(help="Feedback sources (the principals that send labels): trust and quarantine.",
+                          no_args_is_help=True)
+app.add_typer(sources_app, name="sources")
+#: ``--as NAME``: who makes a change, for the audit log.
+Actor = Annotated[str, typer.Option("--as", help="Who makes this change, for the audit log.")]
+
+
+@contextmanager
+def _store() -> Iterator[FeedbackStore]:
+    from feedback.store import open_store
+
+    store = open_store(load_settings())
+    try:
+        yield store
+    finally:
+        store.database.dispose()
 
 
 @app.command()
@@ -45,9 +68,9 @@ def ingest(
 @feedback_app.command("import")
 def feedback_import(
     file: Annotated[Path, typer.Argument(help="CSV or JSONL with text and label columns.")],
-    source: Annotated[str, typer.Option(help="Who labeled the file (see FLYWHEEL_FEEDBACK_TRUSTED_SOURCES).")] = (
-        "annotation"
-    ),
+    source: Annotated[
+        str, typer.Option(help="Who labeled the file: its labels are vetted unless `flywheel sources trust` it.")
+    ] = "annotation",
 ) -> None:
     """Import labeled texts from an annotation team; importing the same file again changes nothing."""
     from feedback.annotations import read_annotations
@@ -71,8 +94,9 @@ def feedback_import(
             annotations.rows, source, on_saved=lambda saved: publisher.publish(feedback_event(saved))
         )
     store.database.dispose()
+    kept = f", {result.used} kept (already used for training)" if result.used else ""
     typer.echo(f"imported {file.name} as {source!r}: {result.created} new, {result.updated} updated, "
-               f"{result.unchanged} unchanged")
+               f"{result.unchanged} unchanged{kept}")
 
 
 @feedback_app.command("export")
@@ -138,14 +162,20 @@ def feedback_resolve(
     feedback_id: str,
     accept: Annotated[bool, typer.Option("--accept/--reject", help="Accept or reject the label.")],
     reason: Annotated[str, typer.Option(help="Why, for the record.")] = "reviewed",
+    actor: Actor = "cli",
 ) -> None:
-    """Record a reviewer's verdict on one label."""
-    from feedback.store import open_store
-
-    store = open_store(load_settings())
-    row = store.resolve(feedback_id, accept, reason)
-    store.database.dispose()
+    """Record a reviewer's verdict on one label (audited); an accepted label counts as confirmed."""
+    with _store() as store:
+        row = store.resolve(feedback_id, accept, reason, reviewer=actor)
     typer.echo(f"{row.feedback_id}: {row.status.value}")
+
+
+@feedback_app.command("confirm")
+def feedback_confirm(feedback_id: str, actor: Actor = "cli") -> None:
+    """Vouch for a held or untrusted label: it is accepted and counts as trusted (audited)."""
+    with _store() as store:
+        row = store.confirm(feedback_id, reviewer=actor)
+    typer.echo(f"{row.feedback_id}: {row.status.value}, confirmed by {row.confirmed_by}")
 
 
 @feedback_app.command("vet")
@@ -173,16 +203,61 @@ def feedback_vet(
     typer.echo(f"vetted {total} labels against model {entry.version}")
 
 
-@feedback_app.command("source")
-def feedback_source(
-    name: str,
-    trust: Annotated[bool | None, typer.Option("--trust/--distrust", help="Accept its labels without vetting.")] = None,
-    release: Annotated[bool, typer.Option(help="Lift its quarantine.")] = False,
-) -> None:
-    """Show a feedback source; trust or distrust it, or release it from quarantine."""
-    from feedback.store import open_store
+def _describe(source: FeedbackSourcePublic) -> str:
+    quarantine = f"quarantined ({source.quarantine_reason})" if source.quarantined else "not quarantined"
+    return (
+        f"{source.source}: {'trusted' if source.trusted else 'not trusted'}, {quarantine}, "
+        f"reliability {source.reliability:.2f} ({source.label_issues} possible label errors in {source.scored} scored)"
+    )
 
-    store = open_store(load_settings())
-    source = store.set_source(name, trusted=trust, quarantined=False if release else None)
-    store.database.dispose()
-    typer.echo(source.model_dump_json(indent=2))
+
+@sources_app.command("list")
+def sources_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every source with its trust, quarantine and reliability."""
+    import json
+
+    with _store() as store:
+        sources = store.sources()
+    if as_json:
+        typer.echo(json.dumps([source.model_dump(mode="json") for source in sources], indent=2))
+        return
+    table = Table("source", "trusted", "quarantined", "reliability", "scored", "label issues")
+    for source in sources:
+        quarantined = (source.quarantine_reason or "yes") if source.quarantined else ""
+        table.add_row(source.source, "yes" if source.trusted else "", quarantined, f"{source.reliability:.2f}",
+                      str(source.scored), str(source.label_issues))
+    console.print(table)
+
+
+@sources_app.command("trust")
+def sources_trust(name: str, actor: Actor = "cli") -> None:
+    """Accept NAME's labels without the evidence checks, its open labels included (audited)."""
+    with _store() as store:
+        typer.echo(_describe(store.set_source(name, trusted=True, actor=actor)))
+
+
+@sources_app.command("distrust")
+def sources_distrust(name: str, actor: Actor = "cli") -> None:
+    """Vet NAME's labels again, its open labels included (audited)."""
+    with _store() as store:
+        typer.echo(_describe(store.set_source(name, trusted=False, actor=actor)))
+
+
+@sources_app.command("quarantine")
+def sources_quarantine(
+    name: str,
+    reason: Annotated[str, typer.Option(help="Why, for the record and the held labels.")],
+    actor: Actor = "cli",
+) -> None:
+    """Hold NAME's new and accepted, unused labels for review (audited)."""
+    with _store() as store:
+        typer.echo(_describe(store.set_source(name, quarantined=True, reason=reason, actor=actor)))
+
+
+@sources_app.command("release")
+def sources_release(name: str, actor: Actor = "cli") -> None:
+    """Lift NAME's quarantine (audited); its held labels wait for a reviewer."""
+    with _store() as store:
+        typer.echo(_describe(store.set_source(name, quarantined=False, actor=actor)))

@@ -8,31 +8,31 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, String, any_, bindparam, update
+from sqlalchemy import ColumnElement, String, any_, bindparam, delete, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from feedback.vetting import Vetter, insert_for, quarantine
+from feedback.decisions import Decisions, FeedbackConflictError, FeedbackNotFoundError
+from feedback.ratelimit import window_start
+from feedback.vetting import Vetter, insert_for
+from flywheel.access import ANONYMOUS
 from flywheel.database import Database
-from flywheel.errors import FlywheelError
 from flywheel.events import FeedbackEvent, new_id, utcnow
 from flywheel.models.feedback import (
     Feedback,
     FeedbackCreate,
     FeedbackPublic,
-    FeedbackSource,
-    FeedbackSourcePublic,
     FeedbackStatus,
     Prediction,
+    RateWindow,
+    check_source,
 )
 from flywheel.settings import Settings
 from flywheel.text import text_key
 
 logger = logging.getLogger(__name__)
-
-
 
 #: The existing label of a source for a prediction, or for a bare text (built once: construction is costly).
 _BY_PREDICTION = select(Feedback).where(
@@ -46,10 +46,6 @@ _BY_TEXT = select(Feedback).where(
 
 _INSERT_FEEDBACK = sa_insert(Feedback)
 _FEEDBACK_FIELDS = tuple(Feedback.model_fields)
-
-
-class FeedbackNotFoundError(FlywheelError):
-    """No feedback with the given id."""
 
 
 class IngestResult(BaseModel):
@@ -66,6 +62,8 @@ class ImportResult(BaseModel):
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: Rows whose earlier label was already used for training: kept as they were.
+    used: int = 0
 
 
 def one_of(column: Any, values: list[str], postgres: bool) -> ColumnElement[bool]:
@@ -85,6 +83,7 @@ def feedback_event(saved: FeedbackPublic) -> FeedbackEvent:
         source=saved.source,
         comment=saved.comment,
         status=saved.status.value,
+        note=saved.note,
     )
 
 
@@ -93,7 +92,7 @@ def open_store(settings: Settings) -> FeedbackStore:
     return FeedbackStore(Database.from_settings(settings).start(), settings)
 
 
-class FeedbackStore:
+class FeedbackStore(Decisions):
     """Reads and writes predictions and feedback; every write vets the feedback it touches."""
 
     def __init__(self, database: Database, settings: Settings, vetter: Vetter | None = None) -> None:
@@ -103,12 +102,17 @@ class FeedbackStore:
 
     # Feedback from people and annotation teams
 
-    def submit(self, create: FeedbackCreate, now: datetime | None = None) -> FeedbackPublic:
-        """Store (or update, for the same prediction or text and source) one label and vet it."""
+    def submit(
+        self, create: FeedbackCreate, principal: str = ANONYMOUS, now: datetime | None = None
+    ) -> FeedbackPublic:
+        """Store (or update, for the same prediction or text and principal) one label of ``principal`` and vet it.
+
+        The body's ``source`` is kept as the label's note; the source is always ``principal``.
+        """
         for attempt in range(3):
             try:
                 with self.database.session() as session:
-                    row, _ = self._upsert(session, create, now or utcnow())
+                    row, _ = self._upsert(session, create, principal, now or utcnow())
                     return FeedbackPublic.model_validate(row)
             except IntegrityError:
                 # A concurrent submit inserted the same (prediction, source) first: retry as an update.
@@ -116,12 +120,22 @@ class FeedbackStore:
                     raise
         raise AssertionError("unreachable")
 
-    def _upsert(self, session: Session, create: FeedbackCreate, now: datetime) -> tuple[Feedback, str]:
+    def _upsert(
+        self, session: Session, create: FeedbackCreate, principal: str, now: datetime
+    ) -> tuple[Feedback, str]:
         key = text_key(create.text) if create.text is not None else None
         if create.prediction_id is not None:
-            row = session.exec(_BY_PREDICTION, params={"source": create.source, "target": create.prediction_id}).first()
+            row = session.exec(_BY_PREDICTION, params={"source": principal, "target": create.prediction_id}).first()
         else:
-            row = session.exec(_BY_TEXT, params={"source": create.source, "target": key}).first()
+            row = session.exec(_BY_TEXT, params={"source": principal, "target": key}).first()
+        if row is not None and row.status == FeedbackStatus.USED:
+            if (row.label, row.comment, row.note) == (create.label, create.comment, create.source):
+                return row, "unchanged"
+            # A model learned from it: changing it now would rewrite the record of what that model was taught.
+            raise FeedbackConflictError(
+                f"{principal}'s label for this {'prediction' if create.prediction_id else 'text'} "
+                f"({row.feedback_id}) was used to train model {row.used_by_version} and cannot be changed"
+            )
         if row is None:
             row = Feedback(
                 feedback_id=new_id(),
@@ -129,7 +143,8 @@ class FeedbackStore:
                 text=create.text,
                 text_key=key,
                 label=create.label,
-                source=create.source,
+                source=principal,
+                note=create.source,
                 comment=create.comment,
                 created_at=now,
                 updated_at=now,
@@ -139,12 +154,13 @@ class FeedbackStore:
             session.connection().execute(_INSERT_FEEDBACK, {name: getattr(row, name) for name in _FEEDBACK_FIELDS})
             outcome = "created"
         elif row.label != create.label:
-            row.label, row.comment, row.used_by_version = create.label, create.comment, None
+            # A reviewer confirmed the old label, not this one.
+            row.label, row.comment, row.note, row.confirmed_by = create.label, create.comment, create.source, None
             self.vetter.vet(session, row, now)
             outcome = "updated"
         else:
-            outcome = "unchanged" if row.comment == create.comment else "updated"
-            row.comment, row.updated_at = create.comment, now
+            outcome = "unchanged" if (row.comment, row.note) == (create.comment, create.source) else "updated"
+            row.comment, row.note, row.updated_at = create.comment, create.source, now
         return row, outcome
 
     def get(self, feedback_id: str) -> FeedbackPublic:
@@ -162,10 +178,12 @@ class FeedbackStore:
         on_saved: Callable[[FeedbackPublic], None] | None = None,
         chunk: int = 500,
     ) -> ImportResult:
-        """Store ``(text, label)`` pairs from ``source``; importing the same file again changes nothing.
+        """Store ``(text, label)`` pairs as labels of principal ``source``; importing the same file again changes
+        nothing, and labels already used for training are kept as they were.
 
         ``on_saved`` sees each created or updated row once its chunk is committed.
         """
+        check_source(source)
         result = ImportResult()
         batch: list[FeedbackCreate] = []
 
@@ -174,7 +192,12 @@ class FeedbackStore:
             with self.database.session() as session:
                 now = utcnow()
                 for create in batch:
-                    row, outcome = self._upsert(session, create, now)
+                    try:
+                        row, outcome = self._upsert(session, create, source, now)
+                    except FeedbackConflictError:
+                        # Refused before anything was written: the rest of the chunk goes on.
+                        result.used += 1
+                        continue
                     setattr(result, outcome, getattr(result, outcome) + 1)
                     if outcome != "unchanged":
                         saved.append(FeedbackPublic.model_validate(row))
@@ -184,7 +207,7 @@ class FeedbackStore:
                     on_saved(public)
 
         for text, label in items:
-            batch.append(FeedbackCreate(text=text, label=label, source=source))
+            batch.append(FeedbackCreate(text=text, label=label))
             if len(batch) >= chunk:
                 flush()
         if batch:
@@ -262,32 +285,7 @@ class FeedbackStore:
             logger.warning("rejected %d feedback rows whose prediction never arrived", expired)
         return expired
 
-    # Review and evidence
-
-    def pending(self, limit: int = 50) -> list[FeedbackPublic]:
-        """Labels waiting for a reviewer, oldest first."""
-        with self.database.read_session() as session:
-            rows = session.exec(
-                select(Feedback)
-                .where(col(Feedback.status) == FeedbackStatus.PENDING)
-                .order_by(col(Feedback.created_at))
-                .limit(limit)
-            )
-            return [FeedbackPublic.model_validate(row) for row in rows]
-
-    def resolve(self, feedback_id: str, accept: bool, reason: str) -> FeedbackPublic:
-        """A reviewer's verdict on one label."""
-        with self.database.session() as session:
-            row = session.get(Feedback, feedback_id)
-            if row is None:
-                raise FeedbackNotFoundError(f"no feedback with id {feedback_id!r}")
-            if row.status == FeedbackStatus.USED:
-                raise FlywheelError(f"feedback {feedback_id} was already used by model {row.used_by_version}")
-            row.status = FeedbackStatus.ACCEPTED if accept else FeedbackStatus.REJECTED
-            row.status_reason = f"reviewer: {reason}"[:500]
-            row.updated_at = utcnow()
-            session.flush()
-            return FeedbackPublic.model_validate(row)
+    # Evidence
 
     def awaiting_evidence(self, limit: int = 1000) -> list[tuple[str, str]]:
         """``(feedback_id, text)`` of pending bare-text labels no model has judged yet."""
@@ -313,37 +311,17 @@ class FeedbackStore:
                 count += 1
             return count
 
-    # Sources
+    # Housekeeping
 
-    def sources(self) -> list[FeedbackSourcePublic]:
-        """Every source with its reliability, trust and quarantine state."""
-        with self.database.read_session() as session:
-            rows = session.exec(select(FeedbackSource).order_by(col(FeedbackSource.source)))
-            return [self._source_public(row) for row in rows]
-
-    def set_source(
-        self, name: str, trusted: bool | None = None, quarantined: bool | None = None, reason: str = "operator"
-    ) -> FeedbackSourcePublic:
-        """Trust or distrust a source, or quarantine or release it."""
+    def forget_rate_windows(self, now: datetime | None = None) -> int:
+        """Delete rate-limit windows before the current one (they limit nothing any more); returns how many."""
         with self.database.session() as session:
-            now = utcnow()
-            source = session.get(FeedbackSource, name)
-            if source is None:
-                raise FeedbackNotFoundError(f"no feedback source {name!r} (sources appear with their first label)")
-            if trusted is not None:
-                source.trusted = trusted
-            if quarantined is False:
-                source.quarantined, source.quarantine_reason, source.quarantined_at = False, None, None
-            source.updated_at = now
-            session.flush()
-            if quarantined is True and not source.quarantined:
-                quarantine(session, name, reason, now)
-            return self._source_public(source)
-
-    def _source_public(self, source: FeedbackSource) -> FeedbackSourcePublic:
-        public = FeedbackSourcePublic.model_validate(source)
-        public.trusted = self.vetter.is_trusted(source)
-        return public
+            result = session.execute(
+                delete(RateWindow)
+                .where(col(RateWindow.window_start) < window_start(now or utcnow()))
+                .execution_options(synchronize_session=False)
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def export(self, status: FeedbackStatus | None = None, batch: int = 1000) -> Iterator[FeedbackPublic]:
         """Every piece of feedback (optionally of one status), in creation order, streamed in batches."""

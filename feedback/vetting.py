@@ -2,9 +2,10 @@
 
 Every label is scored against the probabilities of the model that judged its text (cleanlab's
 normalized-margin label-quality score; low = the model confidently disagrees). A label is accepted
-automatically when its source is trusted, or when it is consistent with that evidence and no other
-label for the same text contradicts it; everything else waits as ``pending`` with the reason.
-A source whose labels contradict a confident model far more often than other sources' is quarantined.
+automatically when a reviewer confirmed it, when its source (the principal that sent it) was trusted by an
+operator, or when it is consistent with that evidence and no other label for the same text contradicts it;
+everything else waits as ``pending`` with the reason. A source whose labels contradict a confident model far
+more often than other sources' is quarantined.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy import bindparam, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from flywheel.access import AuditLog
 from flywheel.database import UTCDateTime
 from flywheel.events import utcnow
 from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackStatus, Prediction
@@ -36,6 +38,8 @@ SOURCE_COLUMNS = tuple(
 _EVIDENCE = select(Prediction.text, Prediction.text_key, Prediction.model_version, Prediction.scores).where(
     col(Prediction.prediction_id) == bindparam("prediction_id")
 )
+#: Actor named in the audit log for quarantines vetting decides by itself.
+VETTING_ACTOR = "vetting"
 #: Statuses whose labels count when looking for contradicting labels of the same text.
 LIVE_STATUSES = (FeedbackStatus.PENDING, FeedbackStatus.ACCEPTED, FeedbackStatus.USED)
 
@@ -82,7 +86,6 @@ class Vetter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.trusted_sources = frozenset(settings.feedback_trusted_sources)
         # Statements are built once per dialect: constructing them costs more than running them.
         self._upserts: dict[str, Any] = {}
         self._conflicts = (
@@ -112,8 +115,8 @@ class Vetter:
         )
 
     def is_trusted(self, source: HasTrust) -> bool:
-        """Whether a source's labels skip the evidence checks."""
-        return source.trusted or source.source in self.trusted_sources
+        """Whether a source's labels skip the evidence checks: only when an operator trusted it, never by name."""
+        return source.trusted
 
     def vet(self, session: Session, row: Feedback, now: datetime | None = None) -> None:
         """Attach evidence to ``row``, score it, and set its status, flags and its source's counters."""
@@ -152,7 +155,7 @@ class Vetter:
             row.model_label = row.model_confidence = row.label_quality = None
             row.label_issue = False
 
-        source = self._source(
+        source = self.source_state(
             session,
             row.source,
             scored_delta=int(scored is not None) - int(had_score),
@@ -164,7 +167,10 @@ class Vetter:
             source = self._maybe_quarantine(session, source, now)
         conflicting = self._mark_conflicts(session, row, now)
 
-        if source.quarantined and not trusted:
+        if row.confirmed_by is not None:
+            # A reviewer looked at this very label: later evidence is attached, but the verdict stands.
+            status, reason = FeedbackStatus.ACCEPTED, row.status_reason
+        elif source.quarantined and not trusted:
             status, reason = FeedbackStatus.PENDING, f"source {row.source!r} is quarantined: {source.quarantine_reason}"
         elif trusted:
             status, reason = FeedbackStatus.ACCEPTED, f"trusted source {row.source!r}"
@@ -183,7 +189,7 @@ class Vetter:
             reason = f"consistent with model {row.model_version} (label quality {scored.label_quality:.3f})"
         row.status, row.status_reason = status, reason
 
-    def _source(
+    def source_state(
         self, session: Session, name: str, scored_delta: int, issue_delta: int, now: datetime
     ) -> SourceState:
         """Create the source on first sight and add to its counters in one statement; returns its current state."""
@@ -233,6 +239,7 @@ class Vetter:
             f"other sources {others_rate:.0%}"
         )
         quarantine(session, source.source, reason, now)
+        AuditLog.add(session, VETTING_ACTOR, "source.quarantine", source.source, reason=reason)
         logger.warning("quarantined feedback source %r: %s", source.source, reason)
         return replace(source, quarantined=True, quarantine_reason=reason)
 
@@ -258,7 +265,7 @@ class Vetter:
             other.conflict = True
             other_source = sources.get(other.source)
             trusted = other_source is not None and self.is_trusted(other_source)
-            if other.status == FeedbackStatus.ACCEPTED and not trusted:
+            if other.status == FeedbackStatus.ACCEPTED and not trusted and other.confirmed_by is None:
                 other.status = FeedbackStatus.PENDING
                 other.status_reason = f"conflicting labels for this text: {row.label!r} from {row.source!r}"
                 other.updated_at = now
@@ -266,7 +273,7 @@ class Vetter:
 
 
 def quarantine(session: Session, source: str, reason: str, now: datetime) -> int:
-    """Quarantine a source and send its accepted, not yet used labels back to review; returns how many."""
+    """Quarantine a source and send its accepted, not yet used or confirmed labels back to review; returns how many."""
     session.execute(
         update(FeedbackSource)
         .where(col(FeedbackSource.source) == source)
@@ -275,7 +282,11 @@ def quarantine(session: Session, source: str, reason: str, now: datetime) -> int
     )
     result = session.execute(
         update(Feedback)
-        .where(col(Feedback.source) == source, col(Feedback.status) == FeedbackStatus.ACCEPTED)
+        .where(
+            col(Feedback.source) == source,
+            col(Feedback.status) == FeedbackStatus.ACCEPTED,
+            col(Feedback.confirmed_by).is_(None),
+        )
         .values(status=FeedbackStatus.PENDING, status_reason=f"source quarantined: {reason}"[:500], updated_at=now)
         .execution_options(synchronize_session="fetch")
     )

@@ -39,6 +39,8 @@ ANONYMOUS = "anonymous"
 ADMIN_TOKEN_PRINCIPAL = "admin-token"
 #: Prefix of a key, so a leaked one is recognisable in logs and secret scanners.
 KEY_PREFIX = "fw_"
+#: Shortest key accepted from outside (a deployment secret); generated keys have 46 characters.
+MIN_KEY_CHARS = 32
 #: Seconds between reloads of the principal table into memory: a revocation takes effect within this long.
 CACHE_SECONDS = 5.0
 
@@ -114,12 +116,14 @@ class KeyStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def create(self, name: str, role: Role, actor: str) -> tuple[PrincipalPublic, str]:
-        """A new principal and its key (returned once, never stored)."""
+    def create(self, name: str, role: Role, actor: str, key: str | None = None) -> tuple[PrincipalPublic, str]:
+        """A new principal and its key (returned once, never stored); ``key`` adopts one made elsewhere (a secret)."""
         check_name(name)
         if name in (ANONYMOUS, ADMIN_TOKEN_PRINCIPAL) or name.startswith("env-key-"):
             raise AccessError(f"{name!r} is reserved; choose another name")
-        key = new_key()
+        if key is not None and len(key) < MIN_KEY_CHARS:
+            raise AccessError(f"a key needs at least {MIN_KEY_CHARS} characters; leave it out to get a random one")
+        key = key or new_key()
         try:
             with self.database.session() as session:
                 row = Principal(name=name, role=role, key_hash=hash_key(key), created_by=actor)
@@ -221,6 +225,13 @@ class Principals:
                 found = principal
         return Caller(found[0], found[1]) if found else None
 
+    def by_name(self, name: str) -> Caller | None:
+        """The active principal called ``name`` (a browser session names one); None once its key is revoked."""
+        for known_name, role in self._stored.values():
+            if known_name == name:
+                return Caller(known_name, role)
+        return None
+
     def by_admin_token(self, token: str | None) -> Caller | None:
         """The bootstrap admin when ``token`` is ``FLYWHEEL_ADMIN_TOKEN``."""
         expected = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
@@ -233,7 +244,13 @@ class Principals:
         return Caller(ANONYMOUS, Role.CLIENT, local_reader=not self.keys_required())
 
     def _run(self) -> None:
-        self.refresh()
-        while not self._stop.wait(self.refresh_seconds if self._loaded.is_set() else 0.2):
+        while not self._loaded.is_set() and not self._stop.wait(0.2):
+            self.refresh()
+        if not self.keys_required():
+            logger.warning(
+                "no API keys exist: every caller is an anonymous client that may also read what reviewers read "
+                "(fine on loopback for local development); create one with `flywheel keys create NAME --role ROLE`"
+            )
+        while not self._stop.wait(self.refresh_seconds):
             self.refresh()
 

@@ -12,20 +12,24 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
-from flywheel.access import Caller, Principals
+from flywheel.access import Caller, Principals, matches
 from flywheel.models.access import Role
+from flywheel.sessions import SessionSigner
 
 API_KEY_HEADER = "X-API-Key"
 #: Cookie holding a browser's signed session (see ``flywheel.sessions``).
 SESSION_COOKIE = "flywheel_session"
+#: Header (or form field ``csrf_token``) that a state-changing request with a session cookie must carry.
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Access:
     """Builds the FastAPI dependencies that resolve and check the caller of a request."""
 
-    def __init__(self, principals: Principals, session_caller: Callable[[str], Caller | None] | None = None) -> None:
+    def __init__(self, principals: Principals, signer: SessionSigner) -> None:
         self.principals = principals
-        self.session_caller = session_caller
+        self.signer = signer
 
     def caller(self, request: Request) -> Caller:
         """Who sent ``request``; 401 for credentials that match no active principal."""
@@ -46,10 +50,15 @@ class Access:
                 raise _unauthorized("admin token wrong: send `Authorization: Bearer <FLYWHEEL_ADMIN_TOKEN>`")
             return found
         cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie and self.session_caller is not None:
-            found = self.session_caller(cookie)
-            if found is not None:
-                return found
+        name = self.signer.verify(cookie) if cookie else None
+        found = self.principals.by_name(name) if name else None
+        if found is not None:
+            # A cookie rides along with any request the browser makes, so changes need proof the page sent them.
+            if request.method not in SAFE_METHODS and not matches(
+                request.headers.get(CSRF_HEADER, ""), self.signer.csrf_token(cookie or "")
+            ):
+                raise HTTPException(403, f"missing or wrong CSRF token: send the page's token as {CSRF_HEADER}")
+            return found
         return self.principals.anonymous()
 
     def require(self, role: Role, *, read_only: bool = False) -> Callable[[Request], Caller]:

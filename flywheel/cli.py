@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,11 +16,16 @@ from flywheel.errors import FlywheelError
 from flywheel.logs import configure_logging
 from flywheel.settings import Settings
 
+if TYPE_CHECKING:
+    from flywheel.database import Database
+
 app = typer.Typer(no_args_is_help=True)
 models_app = typer.Typer(help="Inspect the model registry and move the champion pointer.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema: apply migrations once before anything starts.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of named principals, each with a role.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 # Piped output is not cut to 80 columns: version ids and tables must stay whole for scripts.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
@@ -94,6 +102,7 @@ def models_promote(version: str) -> None:
     from flywheel.registry import ModelRegistry
 
     change = ModelRegistry(load_settings()).promote(version, reason="manual promote")
+    _audit_champion("model.promote", change.version, change.previous)
     typer.echo(f"champion: {change.previous or '-'} -> {change.version}")
 
 
@@ -103,7 +112,103 @@ def models_rollback() -> None:
     from flywheel.registry import ModelRegistry
 
     change = ModelRegistry(load_settings()).rollback()
+    _audit_champion("model.rollback", change.version, change.previous)
     typer.echo(f"champion: {change.previous} -> {change.version}")
+
+
+def _audit_champion(action: str, version: str, previous: str | None) -> None:
+    from flywheel.access import AuditLog
+    from flywheel.database import DatabaseError
+
+    try:
+        with _database() as database:
+            AuditLog(database).record("cli", action, version, previous=previous)
+    except DatabaseError as exc:
+        # The pointer moved already; say plainly that this change is missing from the audit log.
+        typer.echo(f"warning: {action} {version} not written to the audit log: {exc}", err=True)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who the key is for: a person, a team or an application.")],
+    role: Annotated[str, typer.Option(help="client, annotator, reviewer or admin.")] = "client",
+    key_file: Annotated[
+        Path | None, typer.Option(help="Adopt the key in this file (a deployment secret) instead of a random one.")
+    ] = None,
+    actor: Annotated[str, typer.Option("--as", help="Who is creating it, for the audit log.")] = "cli",
+    if_missing: Annotated[bool, typer.Option(help="Do nothing when NAME exists (deployment init jobs).")] = False,
+) -> None:
+    """Create a principal and print its key, once, as the last line (only its hash is stored)."""
+    from flywheel.access import KeyStore
+    from flywheel.models.access import parse_role
+
+    given = key_file.read_text().strip() if key_file is not None else None
+    with _database() as database:
+        store = KeyStore(database)
+        if if_missing and any(existing.name == name for existing in store.list()):
+            typer.echo(f"principal {name!r} exists already; nothing to do")
+            return
+        principal, key = store.create(name, parse_role(role), actor, key=given)
+    typer.echo(f"created {principal.role} {principal.name!r}; from now on every protected route needs a key")
+    if given is None:
+        typer.echo("the key is shown only now; send it as the X-API-Key header:")
+        typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every principal with its role and state (never a key)."""
+    from flywheel.access import KeyStore
+
+    with _database() as database:
+        principals = KeyStore(database).list()
+    table = Table("name", "role", "created", "by", "state")
+    for principal in principals:
+        state = f"revoked {principal.revoked_at:%Y-%m-%d %H:%M}" if principal.revoked_at else "active"
+        created = f"{principal.created_at:%Y-%m-%d %H:%M}"
+        table.add_row(principal.name, principal.role, created, principal.created_by, state)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: str,
+    actor: Annotated[str, typer.Option("--as", help="Who is revoking it, for the audit log.")] = "cli",
+) -> None:
+    """Revoke a principal's key; services refuse it within seconds. Its labels and history stay."""
+    from flywheel.access import KeyStore
+
+    with _database() as database:
+        principal = KeyStore(database).revoke(name, actor)
+    typer.echo(f"revoked {principal.name!r}")
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 50,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. key.create or source.trust.")] = None,
+) -> None:
+    """Who changed keys, trust, quarantine, promotions and labels, and when."""
+    from flywheel.access import AuditLog
+
+    with _database() as database:
+        entries = AuditLog(database).recent(limit, action)
+    table = Table("at", "actor", "action", "target", "detail")
+    for entry in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
+        table.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.actor, entry.action, entry.target or "", detail)
+    console.print(table)
+
+
+@contextmanager
+def _database() -> Iterator[Database]:
+    from flywheel.database import Database
+
+    database = Database.from_settings(load_settings()).start()
+    try:
+        yield database
+    finally:
+        database.dispose()
 
 
 @app.command()

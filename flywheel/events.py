@@ -74,9 +74,12 @@ class FeedbackEvent(Event):
     prediction_id: str | None = None
     text: str | None = None
     label: str
+    #: The principal that sent the label.
     source: str
     comment: str | None = None
     status: str
+    #: What the client wrote as its source (free text). Optional, so events from before it existed still decode.
+    note: str | None = None
 
     def key(self) -> bytes:
         return self.feedback_id.encode()

@@ -1,7 +1,8 @@
 """The labels retraining may learn from, and the record that a model learned from them.
 
-Which feedback counts as trainable is one rule, kept here beside the tables: the ``feedback`` package writes
-labels, the ``retrain`` package reads them through this ledger, and neither imports the other.
+Which feedback counts as trainable, and which label is trusted, are rules kept here beside the tables: the
+``feedback`` package writes labels, the ``retrain`` package reads them through this ledger, and neither imports the
+other.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, and_, func, update
+from sqlalchemy import ColumnElement, and_, exists, func, or_, update
 from sqlmodel import col, select
 
+from flywheel.access import ANONYMOUS
 from flywheel.database import Database
 from flywheel.events import utcnow
-from flywheel.models.feedback import Feedback, FeedbackStatus
+from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackStatus
 
 #: Ids per UPDATE statement when marking labels used (keeps parameter lists small on both databases).
 _CHUNK = 500
@@ -27,16 +29,37 @@ class TrainingLabel(BaseModel):
     feedback_id: str
     text: str
     label: str
+    #: The principal that sent the label.
     source: str
     created_at: datetime
     label_quality: float | None
     label_issue: bool
     conflict: bool
+    #: Its source is trusted or a reviewer confirmed it: only such labels may judge a challenger.
+    trusted: bool
 
 
 def trainable() -> ColumnElement[bool]:
     """Accepted labels whose text is known: what the next retrain may learn from."""
     return and_(col(Feedback.status) == FeedbackStatus.ACCEPTED, col(Feedback.text).is_not(None))
+
+
+def trusted_label() -> ColumnElement[bool]:
+    """Labels a reviewer confirmed, or whose source a reviewer or admin trusts (no source is trusted by default)."""
+    source_trusted = exists().where(col(FeedbackSource.source) == col(Feedback.source), col(FeedbackSource.trusted))
+    return or_(col(Feedback.confirmed_by).is_not(None), source_trusted)
+
+
+def counts_as_new() -> ColumnElement[bool]:
+    """Labels that may trigger a retrain: anonymous ones only once model evidence or a reviewer vetted them.
+
+    Anyone can send anonymous labels, so without this a flood of them would start retrains at will.
+    """
+    return or_(
+        col(Feedback.source) != ANONYMOUS,
+        col(Feedback.label_quality).is_not(None),
+        col(Feedback.confirmed_by).is_not(None),
+    )
 
 
 class LabelLedger:
@@ -46,14 +69,17 @@ class LabelLedger:
         self.database = database
 
     def training_rows(self) -> list[TrainingLabel]:
-        """Accepted labels with their texts, oldest first; retraining also decides how to treat the flags."""
+        """Accepted labels with their texts and trust, oldest first; retraining decides how to treat the flags."""
+        query = select(Feedback, trusted_label()).where(trainable()).order_by(col(Feedback.created_at))
         with self.database.read_session() as session:
-            rows = session.exec(select(Feedback).where(trainable()).order_by(col(Feedback.created_at)))
-            return [TrainingLabel.model_validate(row, from_attributes=True) for row in rows]
+            return [
+                TrainingLabel.model_validate({**row.model_dump(), "trusted": bool(trusted)})
+                for row, trusted in session.exec(query)
+            ]
 
     def count_new(self, since: datetime | None) -> int:
-        """Trainable labels created after ``since`` (all of them when it is None)."""
-        query = select(func.count()).where(trainable())
+        """Trainable labels created after ``since`` (all of them when it is None) that ``counts_as_new`` admits."""
+        query = select(func.count()).where(trainable(), counts_as_new())
         if since is not None:
             query = query.where(col(Feedback.created_at) > since)
         with self.database.read_session() as session:

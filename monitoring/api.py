@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from flywheel.auth import Access
@@ -27,6 +27,7 @@ from monitoring.dashboard import index_page
 from monitoring.errors import MonitoringError
 from monitoring.metrics import drift_metrics
 from monitoring.reports import DriftSummary, ReportArchive
+from monitoring.safe_page import SafePage
 from monitoring.store import DriftStore
 
 if TYPE_CHECKING:
@@ -140,7 +141,8 @@ def create_router(
         """Page for people: every run with its verdict, and the drift score over time."""
         reports = await run_in_threadpool(store.recent, limit)
         total = await run_in_threadpool(store.count)
-        return HTMLResponse(index_page(reports, total))
+        page = SafePage(index_page(reports, total))  # no scripts: autoescaped values only, so none may run
+        return HTMLResponse(page.html, headers=page.headers)
 
     @router.get("/drift/reports", response_model=list[DriftReportPublic])
     async def drift_reports(
@@ -151,14 +153,14 @@ def create_router(
         """Drift runs, newest first: window, row counts, model version, scores, verdict, duration."""
         return await run_in_threadpool(store.recent, limit, offset)
 
-    @router.get("/drift/reports/{report_id}", response_class=FileResponse, responses={404: {"description": "None."}})
-    async def drift_report_html(report_id: str) -> FileResponse:
-        """One run's HTML report (Evidently's report with the Flywheel summary on top)."""
+    @router.get("/drift/reports/{report_id}", response_class=HTMLResponse, responses={404: {"description": "None."}})
+    async def drift_report_html(report_id: str) -> HTMLResponse:
+        """One run's HTML report (Evidently's report with the Flywheel summary on top); only its own scripts run."""
         try:
-            path = archive.html_path(report_id)
+            page = await run_in_threadpool(archive.page, report_id)
         except MonitoringError as exc:
             raise HTTPException(404, str(exc)) from exc
-        return FileResponse(path, media_type="text/html; charset=utf-8")
+        return HTMLResponse(page.html, headers=page.headers)
 
     @router.get("/drift/reports/{report_id}/summary", response_model=DriftSummary)
     async def drift_report_summary(report_id: str) -> DriftSummary:

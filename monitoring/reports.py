@@ -15,8 +15,11 @@ from monitoring.dashboard import render
 from monitoring.drift import Signal, Verdict
 from monitoring.errors import MonitoringError
 from monitoring.performance import PerformanceEstimate
+from monitoring.safe_page import SafePage, escaped, safe_page
 
 HTML_FILE = "report.html"
+#: The CSP sources of the report's own inline scripts, one a line (see ``monitoring.safe_page``).
+SCRIPTS_FILE = "scripts.sha256"
 SUMMARY_FILE = "summary.json"
 SUMMARY_COLOURS: dict[Verdict, str] = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#7a5d00"}
 _REPORT_ID = re.compile(r"[0-9a-f-]{36}")
@@ -50,7 +53,7 @@ class DriftSummary(BaseModel):
 
 
 class ReportArchive:
-    """``<home>/monitoring/reports/<report_id>/`` holding ``report.html`` and ``summary.json``."""
+    """``<home>/monitoring/reports/<report_id>/`` holding ``report.html``, ``scripts.sha256`` and ``summary.json``."""
 
     def __init__(self, home: Path) -> None:
         self.directory = home / "monitoring" / "reports"
@@ -62,9 +65,11 @@ class ReportArchive:
         return self.directory / report_id
 
     def save(self, summary: DriftSummary, report_html: str) -> Path:
-        """Write the HTML first and the summary last, so a summary always has its report."""
+        """Write the safe HTML and its scripts' hashes first, the summary last, so a summary always has its report."""
         directory = self.path(summary.report_id)
-        atomic_write_text(directory / HTML_FILE, report_html)
+        page = safe_page(report_html)
+        atomic_write_text(directory / HTML_FILE, page.html)
+        atomic_write_text(directory / SCRIPTS_FILE, "".join(f"{source}\n" for source in page.script_hashes))
         atomic_write_text(directory / SUMMARY_FILE, summary.model_dump_json(indent=2))
         return directory
 
@@ -81,6 +86,19 @@ class ReportArchive:
         if not path.is_file():
             raise MonitoringError(f"no drift report {report_id}")
         return path
+
+    def page(self, report_id: str) -> SafePage:
+        """A stored report page, safe to serve, with the hashes of the scripts allowed to run in it.
+
+        Reports stored before pages were made safe have no hashes file: they go through the same sanitizer on every
+        read rather than being rewritten, so a GET never writes (nor races a prune), and they age out of the archive
+        with ``FLYWHEEL_DRIFT_KEEP_REPORTS``.
+        """
+        path = self.html_path(report_id)
+        scripts = path.with_name(SCRIPTS_FILE)
+        if not scripts.is_file():
+            return safe_page(path.read_text(encoding="utf-8"))
+        return SafePage(path.read_text(encoding="utf-8"), tuple(scripts.read_text(encoding="ascii").split()))
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` reports' files; returns the deleted ids."""
@@ -104,7 +122,12 @@ def summary_block(summary: DriftSummary) -> str:
 
 
 def with_summary(report_html: str, summary: DriftSummary) -> str:
-    """Evidently's report HTML with the Flywheel summary block placed first in its body."""
+    """Evidently's report HTML, its data escaped, with the Flywheel summary block placed first in its body.
+
+    Escaping comes first so that the first ``<body`` is Evidently's own: a predicted text holding one would
+    otherwise receive the block inside the report's data.
+    """
+    report_html = escaped(report_html)
     block = summary_block(summary)
     match = re.search(r"<body[^>]*>", report_html)
     if match is None:

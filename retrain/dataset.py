@@ -1,10 +1,16 @@
-"""Assembling a retrain set: the champion's training data replayed plus accepted feedback, with a held-out slice."""
+"""Assembling a retrain set: the champion's training data replayed plus accepted feedback, with a held-out slice.
+
+Two rules keep one principal from steering a retrain: only trusted labels are held out to judge the challenger
+(a poisoner must not write the exam its own challenger sits), and no untrusted source supplies more than
+``retrain_max_principal_share`` of the feedback the challenger trains on.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -16,62 +22,107 @@ from flywheel.text import dedupe_key, normalize_text
 
 logger = logging.getLogger(__name__)
 
+#: Guards the share cap against float error (0.2 * 50 must allow 10 rows, not 9).
+_EPSILON = 1e-9
+
 
 @dataclass
 class RetrainData:
-    """Rows to train the challenger on, and fresh feedback it must never see, for the gate."""
+    """Rows to train the challenger on, and fresh trusted feedback it must never see, for the gate."""
 
     train: pd.DataFrame
     feedback_eval: pd.DataFrame
     feedback_train_ids: list[str]
     original_rows: int
     feedback_rows: int
+    #: Feedback rows left out by the per-principal cap, by untrusted source; they stay accepted for later runs.
+    capped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def capped_rows(self) -> int:
+        """Feedback rows the per-principal cap left out, all sources together."""
+        return sum(self.capped.values())
+
+
+def cap_untrusted(rows: pd.DataFrame, share: float) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Keep at most ``share`` of the kept rows from any one untrusted source; trusted rows are exempt.
+
+    Each untrusted source keeps its newest rows: recent labels describe the traffic the model serves now, and the
+    older ones stay accepted for a later retrain. Returns the kept rows, in their order, and drops per source.
+    """
+    untrusted = rows[~rows["trusted"]]
+    sizes = untrusted["source"].value_counts().to_numpy()
+
+    def allowed(cap: int) -> int:
+        kept = len(rows) - len(untrusted) + int(np.minimum(sizes, cap).sum())
+        return math.floor(share * kept + _EPSILON)
+
+    # The largest cap c with c <= share x (rows kept under c). Rows kept only shrink with c, so stepping down from
+    # the uncapped bound settles on it. With no trusted rows, fewer than 1 / share sources keep nothing.
+    cap = allowed(len(rows))
+    while (lower := allowed(cap)) < cap:
+        cap = lower
+    newest = untrusted.sort_values(["created_at", "feedback_id"], ascending=False, kind="stable")
+    dropped = newest[newest.groupby("source").cumcount() >= cap]
+    capped = {str(source): int(count) for source, count in dropped["source"].value_counts().items()}
+    return rows.drop(index=dropped.index), capped
 
 
 def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: Settings, seed: int) -> RetrainData:
-    """Replay the champion's data, add feedback with a higher weight, hold out a random slice of feedback texts."""
+    """Replay the champion's data, add capped feedback with a higher weight, hold out a slice of trusted texts."""
     known = set(champion.card.labels)
     feedback = pd.DataFrame(
         [
-            {"feedback_id": row.feedback_id, "text": normalize_text(row.text), "label": row.label}
+            {
+                "feedback_id": row.feedback_id,
+                "text": normalize_text(row.text),
+                "label": row.label,
+                "source": row.source,
+                "trusted": row.trusted,
+                "created_at": row.created_at,
+            }
             for row in labels
             # Accepted means vetted: a possible label error was accepted by a trusted source or a reviewer, and
             # those corrections of confident mistakes teach the most. Unresolved conflicts between sources never train.
             if row.label in known and not row.conflict
         ],
-        columns=["feedback_id", "text", "label"],
+        columns=["feedback_id", "text", "label", "source", "trusted", "created_at"],
     )
-    feedback = feedback[feedback["text"] != ""]
+    feedback = feedback[feedback["text"] != ""].astype({"trusted": bool})
     feedback["_key"] = feedback["text"].map(dedupe_key)
     # The same labels make the same training set whatever order the store returned them in (labels written in
     # one transaction share a timestamp), so a retrain is repeatable.
     feedback = feedback.sort_values(["_key", "label", "feedback_id"], kind="stable", ignore_index=True)
 
-    # Split by text, not by row: the same text labeled twice must not land on both sides.
-    keys = np.array(sorted(feedback["_key"].unique()))
+    # Split by text, not by row: the same text labeled twice must not land on both sides. Held-out texts are drawn
+    # from trusted labels only; untrusted labels of a held-out text neither train nor judge.
+    keys = np.array(sorted(feedback.loc[feedback["trusted"], "_key"].unique()))
     rng = np.random.default_rng(seed)
     n_eval = round(len(keys) * settings.retrain_eval_fraction) if len(keys) > 1 else 0
     eval_keys = set(rng.choice(keys, size=n_eval, replace=False)) if n_eval else set()
-    is_eval = feedback["_key"].isin(eval_keys)
-    feedback_eval = feedback[is_eval][["text", "label"]].reset_index(drop=True)
-    feedback_train = feedback[~is_eval]
+    held_out = feedback["_key"].isin(eval_keys)
+    feedback_eval = feedback[held_out & feedback["trusted"]][["text", "label"]].reset_index(drop=True)
+    feedback_train, capped = cap_untrusted(feedback[~held_out], settings.retrain_max_principal_share)
 
     original = pd.read_parquet(champion.training_data_path)
     if len(original) > settings.retrain_replay_rows:
         original = original.sample(n=settings.retrain_replay_rows, random_state=seed)
-    # A correction overrides what the original data says about the same text; eval texts stay unseen.
-    original = original[~original["text"].map(dedupe_key).isin(set(feedback["_key"]))]
+    # A correction overrides what the original data says about the same text; eval texts stay unseen; a row the cap
+    # left out changes nothing.
+    original = original[~original["text"].map(dedupe_key).isin(eval_keys | set(feedback_train["_key"]))]
     train = pd.concat(
         [
             original.assign(weight=1.0, feedback_id=None),
-            feedback_train.drop(columns="_key").assign(weight=settings.retrain_feedback_weight),
+            feedback_train[["text", "label", "feedback_id"]].assign(weight=settings.retrain_feedback_weight),
         ],
         ignore_index=True,
     )
     logger.info(
-        "retrain data: %d original rows replayed, %d feedback rows to train on, %d held out",
+        "retrain data: %d original rows replayed, %d feedback rows to train on (%d left out by the per-principal "
+        "cap), %d trusted rows held out",
         len(original),
         len(feedback_train),
+        sum(capped.values()),
         len(feedback_eval),
     )
     return RetrainData(
@@ -80,4 +131,5 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
         feedback_train_ids=feedback_train["feedback_id"].tolist(),
         original_rows=len(original),
         feedback_rows=len(feedback),
+        capped=capped,
     )

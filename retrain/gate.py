@@ -1,4 +1,4 @@
-"""The promotion gate: a challenger serves only when it is better on fresh feedback and no worse on the holdout."""
+"""The promotion gate: a challenger serves only when it is better on trusted fresh feedback, no worse on the holdout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 
 class GateScores(BaseModel):
-    """One model's macro-F1 on the golden holdout and on the held-out feedback slice."""
+    """One model's macro-F1 on the golden holdout and on the held-out slice of trusted feedback."""
 
     holdout_macro_f1: float
     feedback_macro_f1: float

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from flywheel.access import AuditLog
 from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.errors import FlywheelError
@@ -88,7 +89,8 @@ class RetrainRunner:
             return RetrainRunPublic.model_validate(row, from_attributes=True) if row else None
 
     def new_labels(self) -> int:
-        """Accepted, unused feedback newer than both the champion and the last finished run."""
+        """Accepted, unused feedback newer than both the champion and the last finished run, anonymous labels only
+        once vetted: what the worker compares with ``retrain_min_new_labels``."""
         champion = self.registry.champion()
         since = self.registry.get(champion).card.created_at if champion else None
         with self.database.read_session() as session:
@@ -182,14 +184,9 @@ class RetrainRunner:
             feedback_train_rows=len(data.feedback_train_ids),
             feedback_eval_rows=len(data.feedback_eval),
         )
-        if len(data.feedback_eval) < self.settings.retrain_min_eval_rows or not data.feedback_train_ids:
-            self._finish(
-                run_id,
-                RunStatus.SKIPPED,
-                f"not enough fresh feedback: {len(data.feedback_train_ids)} rows to train on, "
-                f"{len(data.feedback_eval)} held out (need {self.settings.retrain_min_eval_rows} held out)",
-                started,
-            )
+        skip = self._skip_reason(data)
+        if skip is not None:
+            self._finish(run_id, RunStatus.SKIPPED, skip + self._cap_note(data), started)
             return
 
         challenger = self._train(champion, data)
@@ -204,13 +201,37 @@ class RetrainRunner:
         )
         self._update(run_id, champion_metrics=champion_metrics, challenger_metrics=challenger_metrics)
         if not decision.promote:
-            self._finish(run_id, RunStatus.REJECTED, decision.reason, started)
+            self._finish(run_id, RunStatus.REJECTED, decision.reason + self._cap_note(data), started)
             return
         # PROMOTING first: if we die between the pointer swap and the next write, recovery can tell what happened.
         self._update(run_id, status=RunStatus.PROMOTING)
         self.registry.promote(challenger.version, reason=f"retrain run {run_id}")
+        AuditLog(self.database).record(
+            "retrain-worker", "model.promote", challenger.version, previous=champion.version, run=run_id
+        )
         self.labels.mark_used(data.feedback_train_ids, challenger.version)
-        self._finish(run_id, RunStatus.PROMOTED, decision.reason, started)
+        self._finish(run_id, RunStatus.PROMOTED, decision.reason + self._cap_note(data), started)
+
+    def _skip_reason(self, data: RetrainData) -> str | None:
+        """Why the gate could not judge a challenger on ``data``, or None when it can."""
+        need = self.settings.retrain_min_eval_rows
+        if len(data.feedback_eval) < need:
+            return (
+                f"too few trusted labels to judge a challenger: {len(data.feedback_eval)} held out, need {need}; "
+                "trust an annotator (`flywheel sources trust NAME`) or confirm labels"
+            )
+        if not data.feedback_train_ids:
+            return f"not enough fresh feedback: no rows to train on, {len(data.feedback_eval)} held out"
+        return None
+
+    def _cap_note(self, data: RetrainData) -> str:
+        """The rows the per-principal cap left out, for the run's reason (the run table has no column for them)."""
+        if not data.capped:
+            return ""
+        biggest = sorted(data.capped.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{source} {count}" for source, count in biggest[:3]) + (", ..." if len(biggest) > 3 else "")
+        share = self.settings.retrain_max_principal_share
+        return f"; the per-principal cap ({share * 100:g}%) left out {data.capped_rows} feedback rows ({shown})"
 
     def _train(self, champion: ModelVersion, data: RetrainData) -> ModelVersion:
         trainer = Trainer(self.settings, progress=self.progress, stop=self.stop)

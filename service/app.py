@@ -37,10 +37,12 @@ from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, DatabaseError
 from flywheel.errors import describe_validation_errors
 from flywheel.publisher import EventPublisher
+from flywheel.sessions import SessionSigner, load_secret
 from flywheel.settings import Settings
 from monitoring.api import create_router as drift_routes
 from retrain.api import create_router as retrain_routes
 from service.batcher import NoModelError
+from service.login import create_router as login_routes
 from service.metrics import service_metrics
 from service.predict import create_router as prediction_routes
 from service.readiness import Readiness
@@ -64,13 +66,15 @@ def create_app(
     readiness: Readiness | None = None,
 ) -> FastAPI:
     """Every route of the service; ``readiness``, when given, also answers ``GET /readyz`` (in-process use)."""
-    access = Access(principals)
+    secret = settings.session_secret.get_secret_value() if settings.session_secret else None
+    access = Access(principals, SessionSigner(load_secret(settings.home, secret)))
     app = FastAPI(
         title="Flywheel",
         description="Text classification with a feedback loop: predictions, model info, feedback and monitoring.",
         version="1",
     )
     app.include_router(prediction_routes(settings, publisher, serving, service_metrics(), access))
+    app.include_router(login_routes(access))
     for routes in (feedback_routes, retrain_routes, drift_routes):
         app.include_router(routes(settings, database, publisher, serving.entry, access))
 

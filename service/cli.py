@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from flywheel.cli import load_settings
+from flywheel.errors import FlywheelError
+from flywheel.settings import Settings
 
 app = typer.Typer()
 
@@ -25,6 +27,8 @@ def serve(
     from flywheel.registry import ModelRegistry
 
     settings = load_settings()
+    bind = host or settings.serve_host
+    refuse_open_bind(settings, bind)
     if ModelRegistry(settings).champion() is None:
         typer.echo("warning: no champion model yet; /predict answers 503 until `flywheel train` promotes one", err=True)
     env = dict(os.environ)
@@ -37,7 +41,32 @@ def serve(
         sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
         # BentoML imports the service from the directory holding this package (the checkout or site-packages).
         "--working-dir", str(Path(__file__).resolve().parent.parent),
-        "--host", host or settings.serve_host,
+        "--host", bind,
         "--port", str(port or settings.serve_port),
     ]
     os.execve(sys.executable, command, env)
+
+
+def refuse_open_bind(settings: Settings, host: str) -> None:
+    """FlywheelError when ``host`` is reachable from other machines while no key exists (unless auth is off)."""
+    import ipaddress
+
+    from flywheel.access import KeyStore
+    from flywheel.database import Database
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or not settings.auth or settings.api_keys:
+        return
+    database = Database.from_settings(settings).start()
+    try:
+        stored = KeyStore(database).active()
+    finally:
+        database.dispose()
+    if not stored:
+        raise FlywheelError(
+            f"refusing to serve on {host} with no API keys: anyone could read and teach the model. Create one with "
+            "`flywheel keys create NAME --role admin`, bind 127.0.0.1, or set FLYWHEEL_AUTH=off to accept the risk"
+        )

@@ -108,6 +108,8 @@ class LocalStack:
             f"Flywheel is up. API: {url}  (docs: {url}/docs)",
             f"drift reports: {url}/drift   metrics: {url}/metrics   retrain history: {url}/retrain/runs",
             "Kafka: " + self.settings.kafka_bootstrap + ("" if self.external_kafka else " (embedded tansu, dev only)"),
+            "Keys: without any, callers on this machine are anonymous clients with reviewer reads. Create one with "
+            "`flywheel keys create NAME --role client|annotator|reviewer|admin`; from then on every route needs one.",
             "Ctrl-C stops everything.",
         ):
             self.supervisor.say("up", line)

@@ -136,6 +136,7 @@ class RetrainWorker:
         if self.store is None:
             raise RuntimeError("worker not started")
         self.store.expire_orphans()
+        self.store.forget_rate_windows()
 
     def _runner(self) -> RetrainRunner:
         if self.runner is None:

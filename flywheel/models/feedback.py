@@ -89,13 +89,22 @@ class FeedbackBase(SQLModel):
         return check_source(value)
 
 
-class FeedbackCreate(FeedbackBase):
+class FeedbackCreate(SQLModel):
     """Body of ``POST /feedback``: a correction of a prediction, or a label for a new text."""
 
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
+    label: str = Field(min_length=1, max_length=128)
+    #: Free text kept as the label's ``note``; it grants nothing, the label's source is the principal sending it.
+    source: str | None = Field(default=None, max_length=64)
+    comment: str | None = None
     prediction_id: str | None = Field(default=None, min_length=1, max_length=64)
     text: str | None = Field(default=None, min_length=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_source(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> FeedbackCreate:
@@ -154,6 +163,8 @@ class FeedbackPublic(FeedbackBase):
     """Feedback as the API and exports show it."""
 
     feedback_id: str
+    note: str | None = None
+    confirmed_by: str | None = None
     prediction_id: str | None
     text: str | None
     status: FeedbackStatus

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
+from pydantic import Field
 
 from flywheel.settings.core import FlywheelSettings
 
@@ -18,10 +15,16 @@ class FeedbackSettings(FlywheelSettings):
     )
     feedback_max_comment_chars: int = Field(2000, ge=0, description="Longest feedback comment accepted, in characters.")
     feedback_rate_limit: int = Field(
-        120, ge=0, description="Feedback requests accepted per source per minute by each service worker; 0 = no limit."
+        120,
+        ge=0,
+        description="Feedback requests accepted per minute from each client principal (and from anonymous callers), "
+        "counted across all service workers and hosts; 0 = no limit.",
     )
-    feedback_trusted_sources: Annotated[list[str], NoDecode] = Field(
-        ["annotation"], description="Comma-separated sources whose labels are accepted without vetting."
+    feedback_rate_limit_annotator: int = Field(
+        3000,
+        ge=0,
+        description="Feedback requests accepted per minute from each annotator; 0 = no limit. Reviewers and admins "
+        "are not limited.",
     )
     feedback_label_issue_threshold: float = Field(
         0.1,
@@ -57,11 +60,3 @@ class FeedbackSettings(FlywheelSettings):
     review_similarity: float = Field(
         0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
     )
-
-    @field_validator("feedback_trusted_sources", mode="before")
-    @classmethod
-    def _split_sources(cls, value: object) -> object:
-        # Environment values arrive as "a,b"; lists from code pass through.
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value

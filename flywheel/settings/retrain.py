@@ -26,10 +26,21 @@ class RetrainSettings(FlywheelSettings):
         20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
     )
     retrain_eval_fraction: float = Field(
-        0.3, gt=0, lt=1, description="Share of fresh feedback held out from training to compare the two models."
+        0.3,
+        gt=0,
+        lt=1,
+        description="Share of fresh trusted feedback texts held out from training to compare the two models "
+        "(only trusted or reviewer-confirmed labels judge a challenger).",
     )
     retrain_min_eval_rows: int = Field(
-        10, ge=1, description="Fewest held-out feedback rows a gate decision needs; with fewer the run is skipped."
+        10, ge=1, description="Fewest trusted held-out feedback rows a gate needs; with fewer the run is skipped."
+    )
+    retrain_max_principal_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Most of a retrain's feedback training rows that one untrusted source may supply (its newest "
+        "labels are kept); trusted sources and reviewer-confirmed labels are exempt.",
     )
     retrain_min_gain: float = Field(
         0.0, ge=0, description="Macro-F1 gain on the held-out feedback a challenger needs over the champion."

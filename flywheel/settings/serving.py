@@ -10,7 +10,10 @@ from flywheel.settings.core import FlywheelSettings
 class ServingSettings(FlywheelSettings):
     """Serving, request log and hot reload."""
 
-    serve_host: str = Field("0.0.0.0", description="Address `flywheel serve` binds.")
+    serve_host: str = Field(
+        "127.0.0.1",
+        description="Address `flywheel serve` binds; a non-loopback one needs a key to exist (see FLYWHEEL_AUTH).",
+    )
     serve_port: int = Field(3000, ge=1, le=65535, description="Port `flywheel serve` listens on.")
     serve_workers: int = Field(
         1, ge=1, description="Service worker processes; each loads the model and splits the CPU threads."

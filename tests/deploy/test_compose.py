@@ -21,8 +21,8 @@ from tests.conftest import free_port
 from tests.deploy.conftest import REPO_ROOT, REQUIRED_VARIABLES, dockerfile_env, run_compose
 
 INFRASTRUCTURE = {"kafka", "kafka-init", "postgres"}
-FLYWHEEL_SERVICES = {"db-init", "init", "service", "ingest", "worker"}
-ONE_SHOT = {"kafka-init", "db-init", "init"}
+FLYWHEEL_SERVICES = {"db-init", "keys-init", "init", "service", "ingest", "worker"}
+ONE_SHOT = {"kafka-init", "db-init", "keys-init", "init"}
 GPU_SERVICE = "service-gpu"
 
 
@@ -49,6 +49,25 @@ def test_compose_refuses_to_start_without_the_secrets() -> None:
     no_password = run_compose("config", variables={"FLYWHEEL_ADMIN_TOKEN": REQUIRED_VARIABLES["FLYWHEEL_ADMIN_TOKEN"]})
     assert no_password.returncode != 0
     assert "set POSTGRES_PASSWORD" in no_password.stderr
+
+    without_key = {k: v for k, v in REQUIRED_VARIABLES.items() if k != "FLYWHEEL_ADMIN_KEY_FILE"}
+    no_key = run_compose("config", variables=without_key)
+    assert no_key.returncode != 0
+    assert "set FLYWHEEL_ADMIN_KEY_FILE" in no_key.stderr
+
+
+def test_the_first_admin_key_comes_from_a_secret_before_anything_serves(resolved: dict[str, Any]) -> None:
+    keys = resolved["services"]["keys-init"]
+    assert keys["command"][:5] == ["keys", "create", "admin", "--role", "admin"]
+    assert "--if-missing" in keys["command"]
+    secret = keys["command"][keys["command"].index("--key-file") + 1]
+    assert secret == "/run/secrets/flywheel_admin_key"
+    assert [s["source"] for s in keys["secrets"]] == ["flywheel_admin_key"]
+    assert resolved["secrets"]["flywheel_admin_key"]["file"] == REQUIRED_VARIABLES["FLYWHEEL_ADMIN_KEY_FILE"]
+    for name in ("service", "ingest", "worker"):
+        assert resolved["services"][name]["depends_on"]["keys-init"]["condition"] == "service_completed_successfully"
+    # Binding every interface is safe only because a key exists before the service starts.
+    assert resolved["services"]["service"]["environment"]["FLYWHEEL_SERVE_HOST"] == "0.0.0.0"
 
 
 def test_every_long_running_service_has_a_healthcheck_and_restarts(resolved: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""``flywheel feedback import|export|stats|vet|review|resolve|source`` through the console script's ``main``."""
+"""``flywheel feedback import|export|stats|vet|review|resolve|confirm`` and ``flywheel sources`` through the console
+script's ``main``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def test_import_export_and_stats(cli_env: dict[str, str], tmp_path: Path) -> Non
     ]
     annotations.write_text("\n".join(json.dumps(row) for row in rows) + "\n{broken\n")
 
+    # The annotation team's labels skip vetting only once an operator trusts the team.
+    trusted = run(cli_env, "sources", "trust", "annotation", "--as", "ops")
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.startswith("annotation: trusted, not quarantined")
     first = run(cli_env, "feedback", "import", str(annotations))
     assert first.returncode == 0, first.stderr
     assert "imported batch.jsonl as 'annotation': 2 new, 0 updated, 0 unchanged" in first.stdout
@@ -115,7 +120,20 @@ def test_untrusted_import_is_vetted_by_the_champion_then_reviewed(
     review = run(env, "feedback", "review")
     assert review.returncode == 0, review.stderr
     target = rows["good great excellent wonderful"]["feedback_id"]
-    decided = run(env, "feedback", "resolve", target, "--reject", "--reason", "checked")
+    decided = run(env, "feedback", "resolve", target, "--reject", "--reason", "checked", "--as", "rita")
     assert decided.stdout.strip() == f"{target}: rejected"
-    trusted = run(env, "feedback", "source", "crowd", "--trust")
-    assert json.loads(trusted.stdout)["trusted"] is True
+    confirmed = run(env, "feedback", "confirm", target, "--as", "rita")
+    assert confirmed.stdout.strip() == f"{target}: accepted, confirmed by rita"
+
+    held = run(env, "sources", "quarantine", "crowd", "--reason", "copied labels")
+    assert "crowd: not trusted, quarantined (copied labels)" in held.stdout, held.stderr
+    assert "not quarantined" in run(env, "sources", "release", "crowd").stdout
+    assert run(env, "sources", "trust", "crowd").returncode == 0
+    listed = json.loads(run(env, "sources", "list", "--json").stdout)
+    assert [(s["source"], s["trusted"], s["quarantined"]) for s in listed] == [("crowd", True, False)]
+    audit = run(env, "audit", "--limit", "10").stdout
+    for actor, action in (("rita", "feedback.reject"), ("rita", "feedback.accept"), ("cli", "source.quarantine"),
+                          ("cli", "source.release"), ("cli", "source.trust")):
+        assert any(actor in line and action in line for line in audit.splitlines()), (actor, action, audit)
+    unknown = run(env, "feedback", "confirm", "nope")
+    assert (unknown.returncode, unknown.stderr.strip()) == (2, "error: no feedback with id 'nope'")

@@ -149,8 +149,8 @@ def test_consumer_joins_early_feedback_and_rejects_orphans_after_the_grace_perio
 ) -> None:
     store = store_factory(kafka_bootstrap=private_broker.bootstrap, feedback_grace_seconds=2)
     late = prediction("a delightful surprise", 0.9)
-    early = store.submit(FeedbackCreate(prediction_id=late.prediction_id, label="positive", source="web"))
-    orphan = store.submit(FeedbackCreate(prediction_id=new_id(), label="positive", source="web"))
+    early = store.submit(FeedbackCreate(prediction_id=late.prediction_id, label="positive"), principal="web")
+    orphan = store.submit(FeedbackCreate(prediction_id=new_id(), label="positive"), principal="web")
     with running_ingestor(store) as ingestor:
         produce(private_broker.bootstrap, [encode(late)])
         wait_until(lambda: store.get(early.feedback_id).text is not None, what="the join")

@@ -26,7 +26,7 @@ def test_queue_orders_by_margin_then_recency_and_collapses_duplicates(store: Fee
         "too old": prediction("ancient and uncertain", 0.50, at=now - timedelta(days=30)),
     }
     store.ingest([prediction_row(event, now) for event in crafted.values()])
-    store.submit(FeedbackCreate(prediction_id=crafted["labeled"].prediction_id, label="positive", source="web"))
+    store.submit(FeedbackCreate(prediction_id=crafted["labeled"].prediction_id, label="positive"), principal="web")
 
     queue = ReviewQueue(store.database, store.settings)
     items = queue.next(limit=10, now=now)

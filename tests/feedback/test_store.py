@@ -7,13 +7,16 @@ import io
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func
 from sqlmodel import select
 
 from feedback.annotations import write_export
+from feedback.decisions import FeedbackConflictError
 from feedback.prediction_rows import prediction_row
 from feedback.stats import feedback_stats
 from feedback.store import FeedbackStore
+from flywheel.access import AuditLog
 from flywheel.events import new_id, utcnow
 from flywheel.labels import LabelLedger
 from flywheel.models.feedback import Feedback, FeedbackCreate, FeedbackStatus, Prediction
@@ -46,36 +49,44 @@ def test_feedback_on_a_prediction_is_vetted_against_its_scores(store: FeedbackSt
     unsure, sure = prediction("it was fine", 0.55), prediction("a wonderful film", 0.98)
     ingest(store, unsure, sure)
 
-    correction = store.submit(FeedbackCreate(prediction_id=unsure.prediction_id, label="negative", source="web"))
+    correction = store.submit(FeedbackCreate(prediction_id=unsure.prediction_id, label="negative"), principal="web")
     assert correction.status == FeedbackStatus.ACCEPTED
     assert correction.text == "it was fine"
     assert correction.model_label == "positive"
     assert not correction.label_issue
 
-    doubtful = store.submit(FeedbackCreate(prediction_id=sure.prediction_id, label="negative", source="web"))
+    doubtful = store.submit(FeedbackCreate(prediction_id=sure.prediction_id, label="negative"), principal="web")
     assert doubtful.status == FeedbackStatus.PENDING
     assert doubtful.label_issue
     assert doubtful.label_quality is not None and doubtful.label_quality < 0.1
     assert "possible label error" in (doubtful.status_reason or "")
 
 
-def test_same_prediction_and_source_updates_instead_of_duplicating(store: FeedbackStore) -> None:
+def test_same_prediction_and_principal_updates_and_other_principals_keep_their_own_label(
+    store: FeedbackStore,
+) -> None:
     event = prediction("so so", 0.5)
     ingest(store, event)
-    first = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="web"))
+    first = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="alice")
     again = store.submit(
-        FeedbackCreate(prediction_id=event.prediction_id, label="positive", source="web", comment="changed my mind")
+        FeedbackCreate(prediction_id=event.prediction_id, label="positive", comment="changed my mind"),
+        principal="alice",
     )
-    other = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive", source="mobile"))
+    # Claiming alice's name in the body is only a note: bob's label is bob's, and alice's is untouched.
+    other = store.submit(
+        FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="alice"), principal="bob"
+    )
     assert again.feedback_id == first.feedback_id
     assert again.label == "positive" and again.comment == "changed my mind"
     assert other.feedback_id != first.feedback_id
+    assert (other.source, other.note, other.label) == ("bob", "alice", "negative")
+    assert store.get(first.feedback_id).label == "positive"
     assert count(store, Feedback) == 2
 
 
 def test_feedback_before_its_prediction_is_joined_when_it_arrives(store: FeedbackStore) -> None:
     event = prediction("arrives late", 0.6)
-    early = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="web"))
+    early = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="web")
     assert early.status == FeedbackStatus.PENDING
     assert early.text is None
     assert "waiting for prediction" in (early.status_reason or "")
@@ -92,7 +103,7 @@ def test_feedback_whose_prediction_never_arrives_is_rejected_after_the_grace_per
     store_factory: Callable[..., FeedbackStore],
 ) -> None:
     store = store_factory(feedback_grace_seconds=60)
-    orphan = store.submit(FeedbackCreate(prediction_id=new_id(), label="positive", source="web"))
+    orphan = store.submit(FeedbackCreate(prediction_id=new_id(), label="positive"), principal="web")
     assert store.expire_orphans(utcnow() + timedelta(seconds=30)) == 0
     assert store.expire_orphans(utcnow() + timedelta(seconds=61)) == 1
     rejected = store.get(orphan.feedback_id)
@@ -123,7 +134,9 @@ def test_bare_text_labels_import_idempotently_and_take_evidence_when_it_appears(
 def test_retraining_reads_accepted_labels_and_marks_them_used(store: FeedbackStore) -> None:
     event = prediction("quite nice", 0.52)
     ingest(store, event)
-    on_prediction = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive", source="web"))
+    on_prediction = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive"), principal="web")
+    # Texts without evidence are accepted only from a trusted source, and trust is granted, never claimed.
+    store.set_source("annotation", trusted=True)
     store.import_labels([("terrible", "negative")], source="annotation")
     # Retraining reads what the store wrote through the core's ledger, never through the feedback package.
     ledger = LabelLedger(store.database)
@@ -137,15 +150,24 @@ def test_retraining_reads_accepted_labels_and_marks_them_used(store: FeedbackSto
     used = store.get(on_prediction.feedback_id)
     assert used.status == FeedbackStatus.USED and used.used_by_version == "v7"
 
+    # A label a model learned from is never reopened: the same label again changes nothing, another is refused.
+    same = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive"), principal="web")
+    assert same.status == FeedbackStatus.USED
+    with pytest.raises(FeedbackConflictError, match="was used to train model v7"):
+        store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="web")
+    reimport = store.import_labels([("terrible", "positive"), ("fresh text", "positive")], source="annotation")
+    assert (reimport.created, reimport.used) == (1, 1)
+    assert store.get(used.feedback_id).label == "positive"
+
 
 def test_reviewer_decisions_and_export(store: FeedbackStore) -> None:
     event = prediction("superb", 0.99)
     ingest(store, event)
-    doubtful = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="web"))
+    doubtful = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="web")
     assert [row.feedback_id for row in store.pending()] == [doubtful.feedback_id]
     resolved = store.resolve(doubtful.feedback_id, accept=False, reason="sarcasm misread")
     assert resolved.status == FeedbackStatus.REJECTED
-    assert resolved.status_reason == "reviewer: sarcasm misread"
+    assert resolved.status_reason == "reviewer cli: sarcasm misread"
 
     out = io.StringIO()
     assert write_export(store.export(), out) == 1
@@ -153,3 +175,23 @@ def test_reviewer_decisions_and_export(store: FeedbackStore) -> None:
     assert rows[0]["text"] == "superb"
     assert (rows[0]["label"], rows[0]["source"], rows[0]["status"]) == ("negative", "web", "rejected")
     assert list(rows[0])[:4] == ["text", "label", "source", "status"]
+
+
+def test_a_reviewer_confirms_a_held_label_and_the_verdict_survives_new_evidence(store: FeedbackStore) -> None:
+    event = prediction("brilliant, just brilliant", 0.99)
+    ingest(store, event)
+    sarcasm = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="web")
+    assert sarcasm.status == FeedbackStatus.PENDING and sarcasm.label_issue
+
+    confirmed = store.confirm(sarcasm.feedback_id, reviewer="rita")
+    assert (confirmed.status, confirmed.confirmed_by) == (FeedbackStatus.ACCEPTED, "rita")
+    # Neither a conflicting label nor a quarantine of its source sends a label a reviewer confirmed back to review.
+    store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="positive"), principal="bob")
+    store.set_source("web", quarantined=True, reason="spam wave", actor="rita")
+    assert store.get(sarcasm.feedback_id).status == FeedbackStatus.ACCEPTED
+    audit = [(entry.actor, entry.action, entry.target) for entry in AuditLog(store.database).recent()]
+    assert audit == [("rita", "source.quarantine", "web"), ("rita", "feedback.accept", sarcasm.feedback_id)]
+
+    orphan = store.submit(FeedbackCreate(prediction_id=new_id(), label="positive"), principal="web")
+    with pytest.raises(FeedbackConflictError, match="waiting for prediction"):
+        store.confirm(orphan.feedback_id, reviewer="rita")

@@ -1,8 +1,9 @@
-"""Vetting untrusted feedback: label-error scores, trusted sources, conflicts, quarantine, rate limits."""
+"""Vetting untrusted feedback: label-error scores, trust granted to sources, conflicts, quarantine, rate limits."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +12,9 @@ from feedback.ratelimit import RateLimiter
 from feedback.stats import feedback_stats
 from feedback.store import FeedbackStore
 from feedback.vetting import Vetter
+from flywheel.access import AuditLog
 from flywheel.events import utcnow
+from flywheel.models.access import Role
 from flywheel.models.feedback import FeedbackCreate, FeedbackStatus
 from flywheel.settings import Settings
 from tests.feedback.conftest import prediction
@@ -30,21 +33,36 @@ def test_label_quality_follows_the_models_probabilities() -> None:
     assert vetter.score("neutral", confident).label_issue
 
 
-def test_trusted_sources_are_accepted_even_against_a_confident_model(store: FeedbackStore) -> None:
-    event = prediction("what a masterpiece", 0.99)
-    store.ingest([prediction_row(event, utcnow())])
-    trusted = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="annotation"))
+def test_only_sources_trusted_by_an_operator_skip_vetting_and_a_claimed_name_grants_nothing(
+    store: FeedbackStore,
+) -> None:
+    event, later = prediction("what a masterpiece", 0.99), prediction("a true masterpiece", 0.99)
+    store.ingest([prediction_row(event, utcnow()), prediction_row(later, utcnow())])
+    claimed = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="annotation"))
+    assert (claimed.source, claimed.note) == ("anonymous", "annotation")
+    assert claimed.status == FeedbackStatus.PENDING and "possible label error" in (claimed.status_reason or "")
+
+    early = store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="annotation")
+    assert early.status == FeedbackStatus.PENDING
+    assert store.set_source("annotation", trusted=True, actor="ops").trusted
+    # Trusting a source re-vets its open labels at once.
+    assert store.get(early.feedback_id).status == FeedbackStatus.ACCEPTED
+    trusted = store.submit(FeedbackCreate(prediction_id=later.prediction_id, label="negative"), principal="annotation")
     assert trusted.status == FeedbackStatus.ACCEPTED
     assert trusted.label_issue  # still scored and visible
+    assert store.get(claimed.feedback_id).status == FeedbackStatus.PENDING
+    assert [(e.actor, e.action, e.target) for e in AuditLog(store.database).recent()] == [
+        ("ops", "source.trust", "annotation")
+    ]
 
 
 def test_conflicting_labels_for_one_text_are_flagged_and_held(store: FeedbackStore) -> None:
     first, second = prediction("The ending...", 0.5), prediction("the ending", 0.52)
     store.ingest([prediction_row(first, utcnow()), prediction_row(second, utcnow())])
-    web = store.submit(FeedbackCreate(prediction_id=first.prediction_id, label="negative", source="web"))
+    web = store.submit(FeedbackCreate(prediction_id=first.prediction_id, label="negative"), principal="web")
     assert web.status == FeedbackStatus.ACCEPTED and not web.conflict
 
-    mobile = store.submit(FeedbackCreate(prediction_id=second.prediction_id, label="positive", source="mobile"))
+    mobile = store.submit(FeedbackCreate(prediction_id=second.prediction_id, label="positive"), principal="mobile")
     assert mobile.conflict and mobile.status == FeedbackStatus.PENDING
     assert "conflicting labels" in (mobile.status_reason or "")
     web_now = store.get(web.feedback_id)
@@ -52,7 +70,7 @@ def test_conflicting_labels_for_one_text_are_flagged_and_held(store: FeedbackSto
     assert feedback_stats(store.database, store.vetter).conflicts == 2
 
     # The second source changes its mind: the texts agree again and the flags clear.
-    settled = store.submit(FeedbackCreate(prediction_id=second.prediction_id, label="negative", source="mobile"))
+    settled = store.submit(FeedbackCreate(prediction_id=second.prediction_id, label="negative"), principal="mobile")
     assert not settled.conflict and settled.status == FeedbackStatus.ACCEPTED
     assert not store.get(web.feedback_id).conflict
 
@@ -66,11 +84,11 @@ def test_a_source_that_keeps_contradicting_a_confident_model_is_quarantined(
     spam = [prediction(f"spam target {i}", 0.97 if i % 3 else 0.6) for i in range(12)]
     store.ingest([prediction_row(event, now) for event in honest + spam])
     for event in honest:
-        store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="web"))
-    early = store.submit(FeedbackCreate(prediction_id=spam[0].prediction_id, label="negative", source="bot"))
+        store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="web")
+    early = store.submit(FeedbackCreate(prediction_id=spam[0].prediction_id, label="negative"), principal="bot")
     assert early.status == FeedbackStatus.ACCEPTED  # model was unsure there: plausible correction
     for event in spam[1:]:
-        store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative", source="bot"))
+        store.submit(FeedbackCreate(prediction_id=event.prediction_id, label="negative"), principal="bot")
 
     sources = {source.source: source for source in store.sources()}
     assert sources["bot"].quarantined
@@ -85,12 +103,27 @@ def test_a_source_that_keeps_contradicting_a_confident_model_is_quarantined(
 
     released = store.set_source("bot", quarantined=False)
     assert not released.quarantined
+    assert [(e.actor, e.action, e.target) for e in AuditLog(store.database).recent()] == [
+        ("cli", "source.release", "bot"),
+        ("vetting", "source.quarantine", "bot"),
+    ]
 
 
-def test_rate_limiter_allows_a_burst_then_paces_each_source() -> None:
-    limiter = RateLimiter(per_minute=3)
-    assert [limiter.acquire("web", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert limiter.acquire("web", now=0.0) == pytest.approx(20.0)
-    assert limiter.acquire("mobile", now=0.0) == 0.0
-    assert limiter.acquire("web", now=20.0) == 0.0
-    assert RateLimiter(per_minute=0).acquire("web") == 0.0
+def test_rate_limits_count_per_principal_in_one_minute_windows_by_role(
+    store_factory: Callable[..., FeedbackStore],
+) -> None:
+    store = store_factory(feedback_rate_limit=3, feedback_rate_limit_annotator=5)
+    limiter = RateLimiter(store.database, store.settings)
+    start = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    at = start + timedelta(seconds=15)
+    assert [limiter.acquire("web", Role.CLIENT, now=at) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("web", Role.CLIENT, now=at) == pytest.approx(45.0)
+    assert limiter.acquire("mobile", Role.CLIENT, now=at) == 0.0
+    assert limiter.acquire("web", Role.CLIENT, now=start + timedelta(minutes=1)) == 0.0
+    assert [limiter.acquire("ann", Role.ANNOTATOR, now=at) for _ in range(6)][-2:] == [0.0, pytest.approx(45.0)]
+    assert all(limiter.acquire("rita", Role.REVIEWER, now=at) == 0.0 for _ in range(10))
+    assert RateLimiter(store.database, store_factory(feedback_rate_limit=0).settings).limit(Role.CLIENT) == 0
+
+    # Housekeeping forgets the windows that no longer limit anything.
+    assert store.forget_rate_windows(now=start + timedelta(minutes=1, seconds=5)) == 3
+    assert store.forget_rate_windows(now=start + timedelta(minutes=1, seconds=5)) == 0

@@ -73,19 +73,19 @@ def test_settings_is_exactly_the_concerns() -> None:
 def test_environment_overrides_and_lists(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("FLYWHEEL_API_KEYS", "k1, k2")
-    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("FLYWHEEL_ADMIN_TOKEN", "s3cr3t-admin-token")
     settings = Settings()
     assert settings.home == tmp_path / "state"
     assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'state' / 'flywheel.db'}"
     assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"]
-    assert "secret" not in repr(settings)
+    assert "s3cr3t-admin-token" not in repr(settings)
 
 
 def test_each_concern_reads_the_environment_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLYWHEEL_FEEDBACK_TRUSTED_SOURCES", "annotation, qa")
+    monkeypatch.setenv("FLYWHEEL_FEEDBACK_RATE_LIMIT_ANNOTATOR", "500")
     monkeypatch.setenv("FLYWHEEL_DRIFT_MIN_ROWS", "300")
     monkeypatch.setenv("FLYWHEEL_SERVE_PORT", "3001")
-    assert FeedbackSettings().feedback_trusted_sources == ["annotation", "qa"]
+    assert FeedbackSettings().feedback_rate_limit_annotator == 500
     drift = DriftSettings()
     assert drift.drift_min_rows == 300
     assert not hasattr(drift, "serve_port")

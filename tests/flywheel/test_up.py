@@ -121,6 +121,8 @@ def test_up_runs_the_loop_heals_crashes_and_stops_cleanly(stack: tuple[str, dict
 
         corrections = product_reviews(160, seed=1)
         predictions = http.post("/predict", json={"texts": corrections["text"].tolist()}).json()["predictions"]
+        # Keyless callers are the one principal `anonymous`; a local user trusts it to skip vetting.
+        assert run_cli(env, "sources", "trust", "anonymous").returncode == 0
         for prediction, truth in zip(predictions, corrections["label"], strict=True):
             body = {"prediction_id": prediction["prediction_id"], "label": truth, "source": "annotation"}
             assert http.post("/feedback", json=body).status_code == 202

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 #: Console lines chromium writes to stderr with --enable-logging=stderr: [..:INFO:CONSOLE:N] "message", source: ...
 _CONSOLE = re.compile(r':CONSOLE[^\]]*\] "(?P<message>.*)", source: (?P<source>.*)$')
-_ERROR = re.compile(r"Uncaught|Error|Failed to load resource|ERR_", re.IGNORECASE)
+#: Script errors, failed loads, and whatever a page's Content-Security-Policy refused (blocked scripts included).
+_ERROR = re.compile(r"Uncaught|Error|Failed to load resource|ERR_|Content Security Policy", re.IGNORECASE)
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Page:
 
     @property
     def errors(self) -> list[str]:
-        """Console messages that are script errors or failed loads."""
+        """Console messages that are script errors, failed loads or refusals by the page's CSP."""
         return [line for line in self.console if _ERROR.search(line)]
 
 
