@@ -261,3 +261,25 @@ def sources_release(name: str, actor: Actor = "cli") -> None:
     """Lift NAME's quarantine (audited); its held labels wait for a reviewer."""
     with _store() as store:
         typer.echo(_describe(store.set_source(name, quarantined=False, actor=actor)))
+
+
+@app.command()
+def forget(
+    client_id: Annotated[str, typer.Option("--client-id", help="The X-Client-Id whose data is removed.")],
+    actor: Actor = "cli",
+) -> None:
+    """Remove a client's predictions, the feedback on them and its spilled events; the audit log records it."""
+    from feedback.retention import forget_client
+
+    with _store() as store:
+        gone = forget_client(store.database, store.settings.home, client_id, actor)
+    typer.echo(
+        f"forgot client {client_id!r}: {gone.predictions} predictions, {gone.feedback} feedback rows, "
+        f"{gone.spilled_events} spilled events"
+    )
+    if gone.held_spill_files:
+        typer.echo(
+            f"{gone.held_spill_files} spill files belong to running processes and were not searched: their events "
+            "reach the store once delivered; run this again after they are replayed",
+            err=True,
+        )

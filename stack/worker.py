@@ -16,6 +16,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from kafka.errors import KafkaError
 from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
+from feedback.retention import expire_predictions
 from feedback.store import FeedbackStore
 from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
@@ -42,7 +43,7 @@ def scheduled_retrain() -> None:
 
 
 def housekeeping() -> None:
-    """Job: reject orphan feedback past its grace period."""
+    """Job: orphan feedback past its grace period, old rate windows, predictions past their retention."""
     _current().housekeeping()
 
 
@@ -132,11 +133,12 @@ class RetrainWorker:
         runner.run(RunTrigger.SCHEDULE)
 
     def housekeeping(self) -> None:
-        """Reject feedback whose prediction never arrived."""
-        if self.store is None:
+        """Reject feedback whose prediction never arrived; delete old rate windows and expired predictions."""
+        if self.store is None or self.database is None:
             raise RuntimeError("worker not started")
         self.store.expire_orphans()
         self.store.forget_rate_windows()
+        expire_predictions(self.database, self.settings.retention_days)
 
     def _runner(self) -> RetrainRunner:
         if self.runner is None:

@@ -60,3 +60,9 @@ class FeedbackSettings(FlywheelSettings):
     review_similarity: float = Field(
         0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
     )
+    retention_days: float = Field(
+        30.0,
+        gt=0,
+        description="Predictions (and their texts) older than this many days are deleted by the worker's "
+        "housekeeping, unless feedback refers to them.",
+    )

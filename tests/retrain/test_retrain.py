@@ -249,8 +249,8 @@ def test_two_retrains_started_together_run_once(
 
 
 def test_a_killed_retrain_leaves_the_champion_and_the_next_run_succeeds(
-    runner: RetrainRunner, home_env: dict[str, str]
-, store: FeedbackStore) -> None:
+    runner: RetrainRunner, home_env: dict[str, str], store: FeedbackStore
+) -> None:
     champion = runner.registry.champion()
     trust(store)
     label(store, product_reviews(80, seed=1))
