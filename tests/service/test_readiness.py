@@ -32,7 +32,11 @@ def test_service_waits_for_a_first_champion(
     registry.pointer_path.unlink()  # a registry with a trained model that nobody promoted yet
 
     with app_client(env, wait_ready=False) as http:
-        wait_until(lambda: http.get("/readyz").json()["components"]["database"]["up"], what="the database")
+        components = ("database", "access")
+        wait_until(
+            lambda: all(http.get("/readyz").json()["components"][name]["up"] for name in components),
+            what="the database and the keys",
+        )
         not_ready = http.get("/readyz")
         assert not_ready.status_code == 503
         assert not_ready.json()["components"]["model"] == {"up": False, "detail": "no champion loaded yet"}
