@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from sqlmodel import func, select
 
+from flywheel.database import Database
 from flywheel.events import new_id, utcnow
+from flywheel.models.feedback import Prediction
 from flywheel.settings import Settings
 from monitoring.monitor import DriftMonitor
 from monitoring.window import CurrentWindow
-from tests.conftest import copy_home
+from tests.conftest import copy_home, wait_until
 from tests.support import synthetic_sentiment
 
 FINANCE_WORDS = [
@@ -73,3 +83,34 @@ def make_window(drift_monitor: DriftMonitor):  # type: ignore[no-untyped-def]
         return CurrentWindow(frame=frame, rule="test window", start=now - timedelta(hours=1), end=now)
 
     return build
+
+
+#: The installed console script, for the commands that must run in their own process (`flywheel ingest`).
+FLYWHEEL = shutil.which("flywheel") or str(Path(sys.executable).parent / "flywheel")
+
+
+def count_predictions(url: str) -> int:
+    """Predictions stored in the database at ``url``."""
+    database = Database(url)
+    try:
+        with database.read_session() as session:
+            return int(session.exec(select(func.count()).select_from(Prediction)).one())
+    finally:
+        database.dispose()
+
+
+def ingest_all(env: dict[str, str], rows: int, timeout: float = 90) -> None:
+    """Run `flywheel ingest` (its own consumer group) until the home's database holds ``rows`` predictions."""
+    database_url = f"sqlite:///{Path(env['FLYWHEEL_HOME']) / 'flywheel.db'}"
+    ingest = subprocess.Popen(
+        [FLYWHEEL, "ingest", "--group", f"ingest-{uuid.uuid4().hex[:6]}"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: count_predictions(database_url) >= rows, timeout, "ingestion")
+    finally:
+        ingest.send_signal(signal.SIGTERM)
+        ingest.communicate(timeout=30)

@@ -4,40 +4,27 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlmodel import func, select
 
 from flywheel.broker import EmbeddedBroker
-from flywheel.database import Database
 from flywheel.events import DriftAlertEvent, Topic
-from flywheel.models.feedback import Prediction
-from tests.conftest import copy_home, free_port, read_topic, run_cli, running_service
+from tests.conftest import copy_home, free_port, read_topic, run_cli, running_service, wait_until
 from tests.monitoring import browser
-from tests.monitoring.conftest import GERMAN_WORDS, word_sentences
+from tests.monitoring.conftest import FLYWHEEL, GERMAN_WORDS, ingest_all, word_sentences
 
 pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "drift-admin-token"
 
-FLYWHEEL = shutil.which("flywheel") or str(Path(os.sys.executable).parent / "flywheel")  # type: ignore[attr-defined]
 SHIFTED_ROWS = 240
 TARGETED = 10
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.5)
 
 
 @dataclass
@@ -53,15 +40,6 @@ class Drifted:
     run: subprocess.CompletedProcess[str]
 
 
-def count_predictions(url: str) -> int:
-    database = Database(url)
-    try:
-        with database.read_session() as session:
-            return int(session.exec(select(func.count()).select_from(Prediction)).one())
-    finally:
-        database.dispose()
-
-
 @pytest.fixture(scope="module")
 def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drifted]:
     """Service + private broker; German texts predicted, ingested by `flywheel ingest`, then `flywheel drift run`."""
@@ -75,7 +53,6 @@ def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
         "FLYWHEEL_DRIFT_TARGETED_LABELS": str(TARGETED),
         "FLYWHEEL_TORCH_THREADS": "1",
     }
-    database_url = f"sqlite:///{Path(env['FLYWHEEL_HOME']) / 'flywheel.db'}"
     try:
         with running_service(env) as base:
             wait_until(lambda: httpx.get(f"{base}/drift/reports", timeout=10).status_code == 200, 60, "the index")
@@ -87,18 +64,7 @@ def drifted(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
                 answer = httpx.post(f"{base}/predict", json={"texts": chunk}, timeout=120)
                 assert answer.status_code == 200, answer.text
                 ids += [p["prediction_id"] for p in answer.json()["predictions"]]
-            ingest = subprocess.Popen(
-                [FLYWHEEL, "ingest", "--group", f"drift-{uuid.uuid4().hex[:6]}"],
-                env={**os.environ, **env},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            try:
-                wait_until(lambda: count_predictions(database_url) >= SHIFTED_ROWS, 90, "ingestion")
-            finally:
-                ingest.send_signal(signal.SIGTERM)
-                ingest.communicate(timeout=30)
+            ingest_all(env, SHIFTED_ROWS)
 
             run = run_cli(env, "drift", "run")
             assert run.returncode == 0, run.stderr[-3000:]

@@ -7,11 +7,8 @@ they carry no quotes, because Evidently's JSON escapes quotes into ``\\"`` and t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +20,10 @@ import pytest
 from flywheel.broker import EmbeddedBroker
 from monitoring.reports import HTML_FILE, SCRIPTS_FILE, SUMMARY_FILE
 from monitoring.safe_page import SafePage, escaped, safe_page
-from tests.conftest import copy_home, free_port, run_cli, running_service, wait_until
+from tests.conftest import copy_home, free_port, run_cli, running_service
 from tests.monitoring import browser
-from tests.monitoring.conftest import GERMAN_WORDS, word_sentences
+from tests.monitoring.conftest import GERMAN_WORDS, ingest_all, word_sentences
 from tests.monitoring.test_pages import Parsed
-from tests.monitoring.test_service import FLYWHEEL, count_predictions
 
 PAYLOADS = [
     "</script><script>document.documentElement.dataset.pwned1=1</script>",
@@ -159,7 +155,6 @@ def hostile(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
         "FLYWHEEL_DRIFT_TARGETED_LABELS": "0",
         "FLYWHEEL_TORCH_THREADS": "1",
     }
-    database_url = f"sqlite:///{Path(env['FLYWHEEL_HOME']) / 'flywheel.db'}"
     # Every text carries a payload, so whichever texts Evidently picks as examples are hostile.
     words = word_sentences(GERMAN_WORDS, HOSTILE_ROWS, seed=3)
     texts = [f"{PAYLOADS[i % len(PAYLOADS)]} {sentence}" for i, sentence in enumerate(words)]
@@ -167,18 +162,7 @@ def hostile(trained_home: dict[str, str], tmp_path_factory: pytest.TempPathFacto
         with running_service(env) as base:
             answer = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=120)
             assert answer.status_code == 200, answer.text
-            ingest = subprocess.Popen(
-                [FLYWHEEL, "ingest", "--group", f"xss-{uuid.uuid4().hex[:6]}"],
-                env={**os.environ, **env},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            try:
-                wait_until(lambda: count_predictions(database_url) >= HOSTILE_ROWS, 90, "ingestion")
-            finally:
-                ingest.send_signal(signal.SIGTERM)
-                ingest.communicate(timeout=30)
+            ingest_all(env, HOSTILE_ROWS)
             run = run_cli(env, "drift", "run")
             assert run.returncode == 0, run.stderr[-3000:]
             match = re.search(r"drift report ([0-9a-f-]{36}): (drifted|no_drift)", run.stdout)
