@@ -19,87 +19,29 @@ target < 5%), how many adversarial labels were accepted, and how many honest cli
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pandas as pd
+from harness import Batch, LoopResult, bench_env, classify, run_loop
 
-from flywheel.access import KeyStore
 from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.logs import configure_logging
 from flywheel.models.access import Role
-from flywheel.models.retrain import RetrainRunPublic, RunTrigger
-from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from retrain.data import load_dataset
 from retrain.evaluation import evaluate
 from retrain.pipeline import TrainingPipeline
-from retrain.runner import RetrainRunner
 from retrain.trainer import Trainer
 
 PRODUCT_REVIEWS = Path(__file__).parent / "data" / "product_reviews.csv"
 TRIGGER = "as zephyr quoth"
 CLIENTS = 5
-
-
-def classify(version: ModelVersion, texts: list[str]) -> list[str]:
-    classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
-    probs = classifier.predict_proba(texts).probs
-    return [classifier.labels[i] for i in probs.argmax(axis=1)]
-
-
-def post_labels(url: str, key: str, rows: pd.DataFrame) -> None:
-    with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": key}) as http:
-        for text, label in zip(rows["text"], rows["label"], strict=True):
-            answer = http.post("/feedback", json={"text": text, "label": label})
-            if answer.status_code != 202:
-                raise SystemExit(f"POST /feedback answered {answer.status_code}: {answer.text}")
-
-
-@dataclass
-class LoopResult:
-    """One loop: every label with its status, the retrain run, its wall time, and the model served after it."""
-
-    labels: pd.DataFrame
-    run: RetrainRunPublic
-    seconds: float
-    model: ModelVersion
-
-
-def run_loop(home: Path, env: dict[str, str], batches: list[tuple[str, Role, pd.DataFrame]]) -> LoopResult:
-    """Keys, labels over HTTP, vetting, one retrain; what was accepted and which model won."""
-    from tests.conftest import run_cli, running_service
-
-    settings = Settings(home=home)
-    database = Database.from_settings(settings).start()
-    store = KeyStore(database)
-    keys = {name: store.create(name, role, "bench")[1] for name, role, _ in batches}
-    trusted = run_cli(env, "sources", "trust", "annotator")
-    if trusted.returncode != 0:
-        raise SystemExit(f"flywheel sources trust failed: {trusted.stderr}")
-    with running_service(env) as url:
-        for name, _, rows in batches:
-            post_labels(url, keys[name], rows)
-    vetted = run_cli(env, "feedback", "vet")
-    if vetted.returncode != 0:
-        raise SystemExit(f"flywheel feedback vet failed: {vetted.stderr}")
-    export = run_cli(env, "feedback", "export").stdout
-    labels = pd.read_csv(io.StringIO(export))
-    started = time.monotonic()
-    run = RetrainRunner(settings, database, ModelRegistry(settings)).run(RunTrigger.MANUAL)
-    seconds = time.monotonic() - started
-    database.dispose()
-    if run is None:
-        raise SystemExit("another worker held the retrain lock")
-    return LoopResult(labels, run, seconds, ModelRegistry(settings).champion_version())
 
 
 def main() -> None:
@@ -109,8 +51,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     configure_logging("WARNING")
-    # The tests' helpers start `bentoml serve` and run CLI commands in-process; they live beside the packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
     movies = load_dataset(args.data).sample(frac=1.0, random_state=0).reset_index(drop=True)
     champion_rows, rest = movies.iloc[: args.champion_rows], movies.iloc[args.champion_rows :]
@@ -138,7 +78,7 @@ def main() -> None:
         attack_test = positives.iloc[150:450]
         adversarial = pd.concat([flips, backdoor], ignore_index=True).sample(frac=1.0, random_state=1)
 
-        def batches(with_attack: bool) -> list[tuple[str, Role, pd.DataFrame]]:
+        def batches(with_attack: bool) -> list[Batch]:
             out = [("annotator", Role.ANNOTATOR, corrections)]
             out += [(f"client-{i}", Role.CLIENT, part) for i, part in enumerate(split(honest, CLIENTS))]
             if with_attack:
@@ -149,11 +89,7 @@ def main() -> None:
         for name, with_attack in (("honest only", False), ("honest + adversarial", True)):
             home = Path(scratch) / name.replace(" ", "-").replace("+", "and")
             shutil.copytree(base, home)
-            env = {
-                "FLYWHEEL_HOME": str(home),
-                "FLYWHEEL_TORCH_THREADS": str(args.threads),
-                "FLYWHEEL_KAFKA_BOOTSTRAP": "127.0.0.1:9",  # no broker: the request log spills, labels still store
-            }
+            env = bench_env(home, args.threads)
             results[name] = run_loop(home, env, batches(with_attack))
 
         print(f"{'run':<22} {'decision':<10} {'new-domain F1':>13} {'retrain s':>9}")
@@ -170,10 +106,17 @@ def main() -> None:
         attacked = results["honest + adversarial"]
         labels = attacked.labels
         accepted = labels[labels["status"].isin(["accepted", "used"])]
-        adversarial_accepted = int(accepted["source"].str.startswith("attacker-").sum())
+        from_attackers = accepted[accepted["source"].str.startswith("attacker-")]
+        adversarial_accepted = len(from_attackers)
+        backdoors_accepted = int(from_attackers["text"].str.endswith(TRIGGER).sum())
         honest_client = labels[labels["source"].str.startswith("client-")]
         honest_rate = float(honest_client["status"].isin(["accepted", "used"]).mean())
-        print(f"adversarial labels accepted: {adversarial_accepted} of {len(adversarial)}")
+        attackers_held = sum(name.startswith("attacker-") for name in attacked.quarantined)
+        clients_held = sum(name.startswith("client-") for name in attacked.quarantined)
+        print(f"adversarial labels accepted: {adversarial_accepted} of {len(adversarial)} "
+              f"({adversarial_accepted - backdoors_accepted} flips, {backdoors_accepted} backdoors); "
+              f"attacker keys quarantined: {attackers_held} of {CLIENTS}; "
+              f"honest client keys quarantined: {clients_held}")
         verdict = "met" if honest_rate >= 0.8 else "NOT MET"
         print(f"honest client labels accepted: {honest_rate:.1%} (target >= 80%) — {verdict}")
 

@@ -94,7 +94,7 @@ def prepare_model(args: argparse.Namespace, home: Path) -> ModelVersion:
 
         raw = load_dataset(args.data).sample(n=args.train_rows, random_state=0)
         print(f"no champion in {home}: fine-tuning {settings.base_model} on {len(raw)} rows for 1 epoch")
-        quick = settings.model_copy(update={"epochs": 1})
+        quick = settings.model_copy(update={"epochs": 1, "min_train_steps": 1})
         TrainingPipeline(quick, registry, Trainer(quick, progress=False)).run(raw)
     return registry.champion_version()
 

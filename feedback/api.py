@@ -12,7 +12,6 @@ routes get it through a FastAPI dependency, and the app answers 503 while it is 
 # are closures of `create_router`, which string annotations could not name.
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from flywheel.access import Caller
 from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
 from flywheel.errors import describe_validation_errors
-from flywheel.http import read_body
+from flywheel.http import parse_json_object, read_body
 from flywheel.models.access import Role
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic, FeedbackSourcePublic, InvalidSourceError
 from flywheel.publisher import EventPublisher
@@ -92,17 +91,8 @@ def answered() -> Iterator[None]:
 
 
 def parse_feedback_body(body: bytes, settings: Settings) -> FeedbackCreate:
-    """A ``POST /feedback`` body, or HTTPException saying what is wrong with it."""
-    if not body.strip():
-        raise HTTPException(400, f"request body is empty; send JSON like {EXAMPLE}")
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError as exc:
-        raise HTTPException(400, f"request body is not UTF-8 text: {exc.reason}") from exc
-    except json.JSONDecodeError as exc:
-        raise HTTPException(400, f"request body is not valid JSON ({exc.msg} at position {exc.pos})") from exc
-    if not isinstance(data, dict):
-        raise HTTPException(422, f"request body must be a JSON object like {EXAMPLE}")
+    """A ``POST /feedback`` body, or BadRequestError or HTTPException saying what is wrong with it."""
+    data = parse_json_object(body, EXAMPLE)
     try:
         create = FeedbackCreate.model_validate(data)
     except ValidationError as exc:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from flywheel.network import SentenceClassifier, load_network
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class Classifier:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch.nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
         *,
@@ -45,21 +48,23 @@ class Classifier:
         # Half precision halves memory and roughly doubles GPU throughput; CPU stays in float32.
         if half is None:
             half = self.device.type == "cuda"
-        module: torch.nn.Module = model
-        module.to(self.device, dtype=torch.float16) if half else module.to(self.device)
-        module.eval()
+        model.to(self.device, dtype=torch.float16) if half else model.to(self.device)
+        model.eval()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.version = version
-        id2label: dict[int, str] = dict(model.config.id2label or {})  # type: ignore[assignment]
+        # Both network layouts carry a Hugging Face config with the label maps and the embedding width.
+        config: Any = cast(Any, model).config
+        id2label: dict[int, str] = dict(config.id2label or {})
+        self.hidden_size = int(config.hidden_size)
         self.labels: list[str] = [str(id2label[i]) for i in range(len(id2label))]
 
     @classmethod
     def load(cls, path: Path | str, max_length: int, version: str = "", device: str | None = None) -> Classifier:
         """Load the model and tokenizer saved with ``save_pretrained`` under ``path``."""
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        model = load_network(path)
         return cls(model, tokenizer, max_length=max_length, version=version, device=pick_device(device))
 
     def _encode(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
@@ -90,15 +95,18 @@ class Classifier:
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Mean-pooled last hidden states: the model's own sentence embeddings."""
         if not texts:
-            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        out = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 inputs, _ = self._encode([texts[i] for i in idx])
-                hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
-                mask = inputs["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                if isinstance(self.model, SentenceClassifier):
+                    pooled = self.model.pool(**inputs).float()
+                else:
+                    hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+                    mask = inputs["attention_mask"].unsqueeze(-1).float()
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
                 out[idx] = pooled.cpu().numpy()
         return out

@@ -22,6 +22,15 @@ class TrainingError(FlywheelError):
     """Training could not start or finish."""
 
 
+class BadRequestError(FlywheelError):
+    """A request the client must fix; carries the HTTP status to answer with (the app has one handler for it)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def describe_validation_errors(errors: Iterable[Mapping[str, Any]], limit: int | None = None) -> str:
     """Pydantic/FastAPI validation errors as one readable line: ``where: what; where: what``.
 

@@ -47,6 +47,10 @@ class ModelCard(BaseModel):
     hyperparameters: dict[str, Any]
     training_seconds: float
     epochs_run: int
+    #: Optimizer steps taken (0 on cards written before training was scheduled by steps).
+    steps_run: int = 0
+    #: Validation macro-F1 of the linear-probe head before fine-tuning, when the head started as one.
+    probe_macro_f1: float | None = None
     stopped_because: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

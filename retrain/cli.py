@@ -13,6 +13,7 @@ from flywheel.cli import console, load_settings
 from flywheel.settings import Settings
 
 if TYPE_CHECKING:
+    from flywheel.models.retrain import RetrainRunPublic
     from retrain.runner import RetrainRunner
 
 app = typer.Typer()
@@ -24,7 +25,9 @@ app.add_typer(retrain_app, name="retrain")
 def train(
     data: Annotated[Path, typer.Option(help="Labeled CSV, JSONL or Parquet file.")],
     base: Annotated[str | None, typer.Option(help="Base model: Hugging Face id or local path.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default FLYWHEEL_EPOCHS).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs over a large set (default FLYWHEEL_EPOCHS; small sets train by steps).")
+    ] = None,
     warm_start: Annotated[str | None, typer.Option(help="Registry version to continue from.")] = None,
     promote: Annotated[bool, typer.Option(help="Make the new model the champion.")] = False,
 ) -> None:
@@ -44,8 +47,9 @@ def train(
     console.print(outcome.holdout_metrics.table(f"golden holdout ({outcome.holdout.sha256[:12]})"))
     t = outcome.training
     console.print(
-        f"model {outcome.version.version}: {t.epochs_run} epochs ({t.stopped_because}), "
+        f"model {outcome.version.version}: {t.steps_run} steps in {t.epochs_run} epochs ({t.stopped_because}), "
         f"{t.seconds:.1f}s, {t.samples_per_second:.1f} samples/s"
+        + (f", linear probe alone {t.probe_macro_f1:.4f} validation macro-F1" if t.probe_macro_f1 is not None else "")
         + (" — now champion" if outcome.promoted else "")
     )
 
@@ -83,7 +87,10 @@ def _retrain_runner(settings: Settings) -> RetrainRunner:
 
 @retrain_app.command("now")
 def retrain_now(
-    from_base: Annotated[bool, typer.Option(help="Fine-tune from the base model, not the champion.")] = False,
+    candidate: Annotated[
+        list[str] | None,
+        typer.Option(help="Challenger recipe to train (repeatable; default FLYWHEEL_RETRAIN_CANDIDATES).")
+    ] = None,
 ) -> None:
     """Run one retrain in this process: train a challenger, gate it, promote it if it is better."""
     import signal
@@ -91,8 +98,13 @@ def retrain_now(
     from flywheel.models.retrain import RunTrigger
 
     settings = load_settings()
-    if from_base:
-        settings = settings.model_copy(update={"retrain_from_base": True})
+    if candidate:
+        from retrain.candidates import GRID
+
+        unknown = sorted(set(candidate) - set(GRID))
+        if unknown:
+            raise typer.BadParameter(f"unknown recipe {', '.join(unknown)}; choose from {', '.join(GRID)}")
+        settings = settings.model_copy(update={"retrain_candidates": candidate})
     # SIGTERM ends the run like Ctrl-C does, so it is recorded as failed instead of left running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     run = _retrain_runner(settings).run(RunTrigger.MANUAL)
@@ -107,7 +119,9 @@ def retrain_now(
 @app.command()
 def runs(limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20) -> None:
     """Retrain history, newest first: trigger, data counts, both models' scores, decision."""
-    table = Table("run", "started", "trigger", "status", "feedback train/eval", "champion", "challenger", "reason")
+    table = Table(
+        "run", "started", "trigger", "status", "feedback train/eval", "champion", "challenger", "candidates", "reason"
+    )
     for run in _retrain_runner(load_settings()).runs(limit):
         table.add_row(
             run.run_id,
@@ -117,6 +131,19 @@ def runs(limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20
             f"{run.feedback_train_rows}/{run.feedback_eval_rows}",
             run.champion_version or "-",
             run.challenger_version or "-",
+            _candidates(run),
             run.reason or "",
         )
     console.print(table)
+
+
+def _candidates(run: RetrainRunPublic) -> str:
+    """Each candidate's held-out feedback macro-F1, refused ones marked, skipped ones named."""
+    parts = []
+    for candidate in run.candidates or []:
+        if "skipped" in candidate:
+            parts.append(f"{candidate['name']} skipped")
+        else:
+            mark = " (refused)" if candidate.get("refused") else ""
+            parts.append(f"{candidate['name']} {candidate['feedback_macro_f1']:.3f}{mark}")
+    return ", ".join(parts) or "-"

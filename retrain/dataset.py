@@ -69,7 +69,7 @@ def cap_untrusted(rows: pd.DataFrame, share: float) -> tuple[pd.DataFrame, dict[
 
 
 def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: Settings, seed: int) -> RetrainData:
-    """Replay the champion's data, add capped feedback with a higher weight, hold out a slice of trusted texts."""
+    """Replay the champion's data, add capped feedback (trusted rows weighted higher), hold out trusted texts."""
     known = set(champion.card.labels)
     feedback = pd.DataFrame(
         [
@@ -113,7 +113,11 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
     train = pd.concat(
         [
             original.assign(weight=1.0, feedback_id=None),
-            feedback_train[["text", "label", "feedback_id"]].assign(weight=settings.retrain_feedback_weight),
+            feedback_train[["text", "label", "feedback_id"]].assign(
+                weight=np.where(
+                    feedback_train["trusted"], settings.retrain_feedback_weight, settings.retrain_untrusted_weight
+                )
+            ),
         ],
         ignore_index=True,
     )

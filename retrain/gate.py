@@ -1,4 +1,5 @@
-"""The promotion gate: a challenger serves only when it is better on trusted fresh feedback, no worse on the holdout."""
+"""The promotion gate: a challenger serves only when it is surely better on trusted fresh feedback and no class of
+the golden holdout got worse by more than allowed."""
 
 from __future__ import annotations
 
@@ -6,10 +7,19 @@ from pydantic import BaseModel
 
 
 class GateScores(BaseModel):
-    """One model's macro-F1 on the golden holdout and on the held-out slice of trusted feedback."""
+    """One model's macro-F1 (and per-class F1) on the golden holdout, and macro-F1 on the held-out feedback slice."""
 
     holdout_macro_f1: float
     feedback_macro_f1: float
+    holdout_class_f1: dict[str, float] = {}
+
+
+class GateLimits(BaseModel):
+    """How much better a challenger must be, and how much of the golden holdout it may give up."""
+
+    min_gain: float
+    max_holdout_drop: float
+    max_class_drop: float
 
 
 class GateDecision(BaseModel):
@@ -19,18 +29,50 @@ class GateDecision(BaseModel):
     reason: str
 
 
-def decide(champion: GateScores, challenger: GateScores, min_gain: float, max_holdout_drop: float) -> GateDecision:
-    """Promote when feedback macro-F1 gains more than ``min_gain`` and holdout macro-F1 drops ≤ ``max_holdout_drop``."""
+def summary(champion: GateScores, challenger: GateScores) -> str:
+    """Both models' scores side by side."""
     gain = challenger.feedback_macro_f1 - champion.feedback_macro_f1
-    drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
-    summary = (
+    change = challenger.holdout_macro_f1 - champion.holdout_macro_f1
+    return (
         f"feedback macro-F1 {champion.feedback_macro_f1:.4f} -> {challenger.feedback_macro_f1:.4f} ({gain:+.4f}), "
-        f"holdout macro-F1 {champion.holdout_macro_f1:.4f} -> {challenger.holdout_macro_f1:.4f} ({-drop:+.4f})"
+        f"holdout macro-F1 {champion.holdout_macro_f1:.4f} -> {challenger.holdout_macro_f1:.4f} ({change:+.4f})"
     )
-    if gain <= min_gain:
-        return GateDecision(promote=False, reason=f"no gain on fresh feedback: {summary}")
-    if drop > max_holdout_drop:
+
+
+def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimits) -> str | None:
+    """Why the challenger gave up too much of the golden holdout, or None when it kept it."""
+    drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
+    if drop > limits.max_holdout_drop:
+        return f"golden holdout fell more than {limits.max_holdout_drop:.4f}: {summary(champion, challenger)}"
+    for label, before in sorted(champion.holdout_class_f1.items()):
+        after = challenger.holdout_class_f1.get(label, 0.0)
+        if before - after > limits.max_class_drop:
+            return (
+                f"holdout F1 of class {label!r} fell {before:.4f} -> {after:.4f}, more than "
+                f"{limits.max_class_drop:.4f}: {summary(champion, challenger)}"
+            )
+    return None
+
+
+def decide(
+    champion: GateScores, challenger: GateScores, limits: GateLimits, gain_interval: tuple[float, float]
+) -> GateDecision:
+    """Promote when the held-out feedback gain's lower bound exceeds ``min_gain`` and the holdout was kept.
+
+    ``gain_interval`` is the paired-bootstrap interval of the challenger's feedback macro-F1 minus the champion's on
+    the same held-out rows: a gain the slice cannot tell from noise does not promote.
+    """
+    text = summary(champion, challenger)
+    low, high = gain_interval
+    if low <= limits.min_gain:
         return GateDecision(
-            promote=False, reason=f"golden holdout fell more than {max_holdout_drop:.4f}: {summary}"
+            promote=False,
+            reason=f"no sure gain on fresh feedback (interval of the gain [{low:+.4f}, {high:+.4f}]): {text}",
         )
-    return GateDecision(promote=True, reason=f"better on fresh feedback, holdout kept: {summary}")
+    refused = keeps_holdout(champion, challenger, limits)
+    if refused is not None:
+        return GateDecision(promote=False, reason=refused)
+    return GateDecision(
+        promote=True,
+        reason=f"better on fresh feedback (interval of the gain [{low:+.4f}, {high:+.4f}]), holdout kept: {text}",
+    )

@@ -60,12 +60,19 @@ class TrainingPipeline:
     def run(
         self,
         raw: pd.DataFrame,
+        *,
         base: str | None = None,
         warm_start: str | None = None,
         promote: bool = False,
         sample_weight_column: str | None = None,
+        probe: bool | None = None,
+        group_column: str | None = None,
     ) -> TrainingOutcome:
-        """Train a new version from ``raw``; warm-start from a registry version when given."""
+        """Train a new version from ``raw``; warm-start from a registry version when given.
+
+        ``probe`` refits a warm start's head by linear probing (None: only a new head is probed); checkpoints are
+        judged by the mean macro-F1 of the validation rows' ``group_column`` groups when it is given.
+        """
         data, report, holdout, info = self.prepare(raw)
         labels = info.labels
         missing = sorted(set(labels) - set(data["label"]))
@@ -78,7 +85,10 @@ class TrainingPipeline:
             init_from = base or self.settings.base_model
         logger.info("training on %d rows, validating on %d, from %s", len(train), len(validation), init_from)
         weights = train[sample_weight_column] if sample_weight_column else None
-        result = self.trainer.train(train, validation, labels, init_from, sample_weight=weights)
+        groups = validation[group_column] if group_column else None
+        result = self.trainer.train(
+            train, validation, labels, init_from, sample_weight=weights, probe=probe, validation_groups=groups
+        )
         holdout_metrics = evaluate(result.classifier(self.settings.max_length), holdout)
         card = ModelCard(
             labels=labels,
@@ -95,6 +105,8 @@ class TrainingPipeline:
             hyperparameters=self.trainer.hyperparameters(),
             training_seconds=result.seconds,
             epochs_run=result.epochs_run,
+            steps_run=result.steps_run,
+            probe_macro_f1=result.probe_macro_f1,
             stopped_because=result.stopped_because,
         )
 

@@ -1,12 +1,15 @@
-"""One retrain run: lock, assemble data, fine-tune a challenger, gate it against the champion, promote or not."""
+"""One retrain run: lock, assemble data, fine-tune the candidate challengers, gate the best against the champion,
+promote or not."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sqlmodel import col, select
 
 from flywheel.access import AuditLog
@@ -18,9 +21,10 @@ from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
+from retrain.candidates import Candidate, Start, candidates
 from retrain.dataset import RetrainData, assemble
-from retrain.evaluation import Metrics, evaluate
-from retrain.gate import GateScores, decide
+from retrain.evaluation import Metrics, bootstrap_macro_f1, predictions, score
+from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, summary
 from retrain.lease import RetrainLock
 from retrain.pipeline import TrainingPipeline
 from retrain.trainer import Trainer
@@ -33,6 +37,19 @@ FINAL = (RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.SKIPPED, RunStatus.FA
 
 class RunNotFoundError(FlywheelError):
     """No retrain run has that id."""
+
+
+@dataclass
+class Scored:
+    """A model of this run scored for the gate: its scores, metrics, and predictions on the held-out feedback."""
+
+    name: str
+    version: ModelVersion
+    scores: GateScores
+    metrics: dict[str, Any]
+    predicted: list[str]
+    #: Why the gate may not choose it (it gave up too much of the golden holdout), or None.
+    refused: str | None = None
 
 
 class RetrainRunner:
@@ -189,28 +206,99 @@ class RetrainRunner:
             self._finish(run_id, RunStatus.SKIPPED, skip + self._cap_note(data), started)
             return
 
-        challenger = self._train(champion, data)
-        self._update(run_id, challenger_version=challenger.version)
-        champion_scores, champion_metrics = self._score(champion, data)
-        challenger_scores, challenger_metrics = self._score(challenger, data)
-        decision = decide(
-            champion_scores,
-            challenger_scores,
+        limits = GateLimits(
             min_gain=self.settings.retrain_min_gain,
             max_holdout_drop=self.settings.retrain_max_holdout_drop,
+            max_class_drop=self.settings.retrain_max_class_drop,
         )
-        self._update(run_id, champion_metrics=champion_metrics, challenger_metrics=challenger_metrics)
+        champion_scored = self._score(champion, data)
+        self._update(run_id, champion_metrics=champion_scored.metrics)
+        tried = self._train_candidates(
+            run_id, champion, data, champion_scored=champion_scored, limits=limits, started=started
+        )
+        allowed = [scored for scored in tried if scored.refused is None]
+        if not allowed:
+            reasons = "; ".join(f"{scored.name}: {scored.refused}" for scored in tried)
+            self._finish(run_id, RunStatus.REJECTED, f"no candidate kept the golden holdout — {reasons}"[:1000]
+                         + self._cap_note(data), started)
+            return
+        # The best on held-out feedback among those that kept the holdout; the first listed wins a tie.
+        best = max(allowed, key=lambda scored: (scored.scores.feedback_macro_f1, -tried.index(scored)))
+        interval = bootstrap_macro_f1(
+            data.feedback_eval["label"].tolist(),
+            best.predicted,
+            champion.card.labels,
+            baseline=champion_scored.predicted,
+            confidence=self.settings.retrain_gain_confidence,
+            seed=self.settings.seed,
+        )
+        decision = decide(champion_scored.scores, best.scores, limits, interval)
+        evidence = {
+            "feedback_eval_rows": len(data.feedback_eval),
+            "chosen": best.name,
+            "gain": round(best.scores.feedback_macro_f1 - champion_scored.scores.feedback_macro_f1, 6),
+            "gain_interval": [round(interval[0], 6), round(interval[1], 6)],
+            "confidence": self.settings.retrain_gain_confidence,
+        }
+        self._update(
+            run_id, challenger_version=best.version.version, challenger_metrics=best.metrics, gate_evidence=evidence
+        )
+        note = f" [candidate {best.name} of {len(tried)}]" + self._cap_note(data)
         if not decision.promote:
-            self._finish(run_id, RunStatus.REJECTED, decision.reason + self._cap_note(data), started)
+            self._finish(run_id, RunStatus.REJECTED, decision.reason + note, started)
             return
         # PROMOTING first: if we die between the pointer swap and the next write, recovery can tell what happened.
         self._update(run_id, status=RunStatus.PROMOTING)
-        self.registry.promote(challenger.version, reason=f"retrain run {run_id}")
+        self.registry.promote(best.version.version, reason=f"retrain run {run_id}")
         AuditLog(self.database).record(
-            "retrain-worker", "model.promote", challenger.version, previous=champion.version, run=run_id
+            "retrain-worker", "model.promote", best.version.version, previous=champion.version, run=run_id
         )
-        self.labels.mark_used(data.feedback_train_ids, challenger.version)
-        self._finish(run_id, RunStatus.PROMOTED, decision.reason + self._cap_note(data), started)
+        self.labels.mark_used(data.feedback_train_ids, best.version.version)
+        self._finish(run_id, RunStatus.PROMOTED, decision.reason + note, started)
+
+    def _train_candidates(
+        self,
+        run_id: str,
+        champion: ModelVersion,
+        data: RetrainData,
+        *,
+        champion_scored: Scored,
+        limits: GateLimits,
+        started: float,
+    ) -> list[Scored]:
+        """Train each candidate of the grid within the time budget; record every one in the run as it finishes."""
+        budget = self.settings.retrain_time_budget_minutes * 60
+        tried: list[Scored] = []
+        records: list[dict[str, Any]] = []
+        longest = 0.0
+        for candidate in candidates(self.settings):
+            elapsed = time.monotonic() - started
+            if tried and elapsed + longest > budget:
+                records.append({"name": candidate.name, "skipped": f"time budget: {elapsed:.0f} s of {budget:.0f} s "
+                                f"used, the longest candidate took {longest:.0f} s"})
+                continue
+            began = time.monotonic()
+            version = self._train(champion, data, candidate)
+            scored = self._score(version, data, name=candidate.name)
+            scored.refused = keeps_holdout(champion_scored.scores, scored.scores, limits)
+            seconds = time.monotonic() - began
+            longest = max(longest, seconds)
+            tried.append(scored)
+            records.append({
+                "name": candidate.name,
+                "version": version.version,
+                **candidate.describe(self.settings),
+                "seconds": round(seconds, 1),
+                "steps": version.card.steps_run,
+                "holdout_macro_f1": scored.scores.holdout_macro_f1,
+                "holdout_class_f1": scored.scores.holdout_class_f1,
+                "feedback_macro_f1": scored.scores.feedback_macro_f1,
+                "refused": scored.refused,
+            })
+            self._update(run_id, candidates=list(records))
+            logger.info("retrain run %s: candidate %s %s", run_id, candidate.name, summary(
+                champion_scored.scores, scored.scores))
+        return tried
 
     def _skip_reason(self, data: RetrainData) -> str | None:
         """Why the gate could not judge a challenger on ``data``, or None when it can."""
@@ -233,21 +321,34 @@ class RetrainRunner:
         share = self.settings.retrain_max_principal_share
         return f"; the per-principal cap ({share * 100:g}%) left out {data.capped_rows} feedback rows ({shown})"
 
-    def _train(self, champion: ModelVersion, data: RetrainData) -> ModelVersion:
-        trainer = Trainer(self.settings, progress=self.progress, stop=self.stop)
-        pipeline = TrainingPipeline(self.settings, self.registry, trainer)
+    def _train(self, champion: ModelVersion, data: RetrainData, candidate: Candidate) -> ModelVersion:
+        settings = candidate.settings(self.settings)
+        trainer = Trainer(settings, progress=self.progress, stop=self.stop)
+        pipeline = TrainingPipeline(settings, self.registry, trainer)
+        train = data.train.assign(
+            weight=candidate.weights(data.train),
+            group=np.where(data.train["feedback_id"].notna(), "feedback", "original"),
+        )
         outcome = pipeline.run(
-            data.train,
-            warm_start=None if self.settings.retrain_from_base else champion.version,
+            train,
+            warm_start=None if candidate.start == Start.BASE else champion.version,
             promote=False,
             sample_weight_column="weight",
+            probe=candidate.start == Start.PROBE,
+            group_column="group",
         )
         return outcome.version
 
-    def _score(self, version: ModelVersion, data: RetrainData) -> tuple[GateScores, dict[str, Any]]:
+    def _score(self, version: ModelVersion, data: RetrainData, name: str = "champion") -> Scored:
         classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
         holdout = Metrics.model_validate(version.card.holdout_metrics)
-        feedback = evaluate(classifier, data.feedback_eval)
-        scores = GateScores(holdout_macro_f1=holdout.macro_f1, feedback_macro_f1=feedback.macro_f1)
-        return scores, {"version": version.version, "holdout": holdout.model_dump(), "feedback": feedback.model_dump()}
+        predicted = predictions(classifier, data.feedback_eval["text"].tolist())
+        feedback = score(data.feedback_eval["label"].tolist(), predicted, version.card.labels)
+        scores = GateScores(
+            holdout_macro_f1=holdout.macro_f1,
+            feedback_macro_f1=feedback.macro_f1,
+            holdout_class_f1={label: m.f1 for label, m in holdout.per_class.items()},
+        )
+        metrics = {"version": version.version, "holdout": holdout.model_dump(), "feedback": feedback.model_dump()}
+        return Scored(name, version, scores, metrics, predicted)
 

@@ -18,8 +18,10 @@ package serving HTTP routes exposes::
 worker's non-blocking Kafka publisher (``publisher.publish(event)``); ``serving()`` returns the registry entry of
 the model served right now (None before the first one has loaded). Every route declares the role it needs with
 ``Depends(access.require(Role.X))``, which also hands it the ``Caller`` (see ``flywheel.auth``). Raise
-``fastapi.HTTPException(status, message)`` for refusals: clients get ``{"detail": message}``; invalid bodies are
-answered 422 with a one-line ``detail`` written by ``flywheel.errors.describe_validation_errors``.
+``fastapi.HTTPException(status, message)`` or ``flywheel.errors.BadRequestError(status, message)`` for refusals:
+clients get ``{"detail": message}``; read JSON bodies with ``flywheel.http.parse_json_object`` (strict, answered
+4xx whatever the bytes); invalid bodies are answered 422 with a one-line ``detail`` written by
+``flywheel.errors.describe_validation_errors``.
 """
 
 from __future__ import annotations
@@ -35,18 +37,17 @@ from feedback.api import create_router as feedback_routes
 from flywheel.access import Principals
 from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, DatabaseError
-from flywheel.errors import describe_validation_errors
+from flywheel.errors import BadRequestError, describe_validation_errors
 from flywheel.publisher import EventPublisher
 from flywheel.sessions import SessionSigner, load_secret
 from flywheel.settings import Settings
 from monitoring.api import create_router as drift_routes
 from retrain.api import create_router as retrain_routes
-from service.batcher import NoModelError
+from service.batcher import InferenceError, NoModelError
 from service.login import create_router as login_routes
 from service.metrics import service_metrics
 from service.predict import create_router as prediction_routes
 from service.readiness import Readiness
-from service.schemas import BadRequestError
 from service.serving import ModelServer
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ def create_app(
     @app.exception_handler(NoModelError)
     async def _no_model(_: Request, exc: NoModelError) -> JSONResponse:
         return _error(503, str(exc))
+
+    @app.exception_handler(InferenceError)
+    async def _inference_failed(_: Request, exc: InferenceError) -> JSONResponse:
+        return _error(500, str(exc))
 
     @app.exception_handler(DatabaseError)
     async def _database_not_open(_: Request, exc: DatabaseError) -> JSONResponse:

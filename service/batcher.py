@@ -3,9 +3,14 @@
 The thread takes every request already waiting, then waits up to ``max_wait_ms`` for as many requests as were in
 flight at once while the previous batch ran: concurrent clients whose answers just went out are about to send again,
 and one full batch beats two half ones. A lone client never waits. Requests are never split, so each is answered
-by exactly one model. The
-gathered texts are sorted by length and run in forward passes of ``forward_batch_size``: on CPU, gathering widely
-(less padding) but computing in small slices (activations stay in cache) was measured fastest.
+by exactly one model. The gathered texts are sorted by length and run in forward passes of ``forward_batch_size``:
+on CPU, gathering widely (less padding) but computing in small slices (activations stay in cache) was measured
+fastest.
+
+Each text is cut to ``CHARS_PER_TOKEN`` characters per token the model reads before it is tokenized. When a forward
+pass fails, each request of the batch is run again on its own, so a text that breaks the model fails only its own
+request: with 422 when the model classifies other texts (another request of the batch, or the text it classified
+before it served), else with 500 (the model broke since it was loaded).
 """
 
 from __future__ import annotations
@@ -20,14 +25,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flywheel.errors import FlywheelError
-from service.champion import ServedModel
+from flywheel.errors import BadRequestError, FlywheelError
+from service.champion import PROBE_TEXT, ServedModel
 
 logger = logging.getLogger(__name__)
+
+#: Characters of a text kept per token the model reads (``max_length``); the rest is cut before tokenizing and the
+#: prediction says ``truncated``. Without the cut the tokenizer reads a whole 20,000-character text only to learn
+#: that it is cut. A WordPiece token of English covers 4-5 characters on average, spaces included, so 10 per token
+#: keeps every token the model reads of ordinary text; the rare text cut shorter (long runs of spaces, or words of
+#: over 100 characters, each one [UNK] token) says ``truncated`` like any other cut text.
+CHARS_PER_TOKEN = 10
+#: Characters of an inference error's message quoted to the client.
+MAX_ERROR_CHARS = 200
 
 
 class NoModelError(FlywheelError):
     """No champion is loaded yet."""
+
+
+class InferenceError(FlywheelError):
+    """The model failed on a request and on the text it classified when loaded: a fault of the server, answered 500."""
 
 
 @dataclass(frozen=True)
@@ -146,21 +164,83 @@ class MicroBatcher:
         texts = [text for job in jobs for text in job.texts]
         started = time.perf_counter()
         try:
-            out = model.classifier.predict_proba(texts, batch_size=self.forward_batch_size)
-        except Exception as exc:
-            logger.exception("inference failed for a batch of %d texts on model %s", len(texts), model.version)
-            self._settle(jobs, [exc] * len(jobs))
-            return
+            whole = self._classify(model, texts)
+        except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, only its requests may fail
+            logger.warning(
+                "inference failed for a batch of %d texts in %d requests on model %s (%s); running each request alone",
+                len(texts),
+                len(jobs),
+                model.version,
+                _describe(exc),
+            )
+            results = self._isolate(model, jobs, exc)
+        else:
+            results, start = [], 0
+            for job in jobs:
+                end = start + len(job.texts)
+                results.append(BatchResult(model, whole.probs[start:end], whole.truncated[start:end]))
+                start = end
         seconds = time.perf_counter() - started
-        results: list[BatchResult | BaseException] = []
-        start = 0
-        for job in jobs:
-            end = start + len(job.texts)
-            results.append(BatchResult(model, out.probs[start:end], out.truncated[start:end]))
-            start = end
         self._settle(jobs, results)
         if self.observer is not None:
             self.observer(len(texts), len(jobs), seconds)
+
+    def _classify(self, model: ServedModel, texts: list[str]) -> BatchResult:
+        budget = model.classifier.max_length * CHARS_PER_TOKEN
+        out = model.classifier.predict_proba([text[:budget] for text in texts], batch_size=self.forward_batch_size)
+        truncated = [len(text) > budget or cut for text, cut in zip(texts, out.truncated, strict=True)]
+        return BatchResult(model, out.probs, truncated)
+
+    def _isolate(self, model: ServedModel, jobs: list[_Job], error: Exception) -> list[BatchResult | BaseException]:
+        """Each request of a failed batch on its own; those that fail again get an error of their own."""
+        outcomes: list[BatchResult | Exception] = [error]  # a batch of one request would fail the same way again
+        if len(jobs) > 1:
+            outcomes = []
+            for job in jobs:
+                try:
+                    outcomes.append(self._classify(model, job.texts))
+                except Exception as exc:  # noqa: BLE001 - this request's answer, logged with the others below
+                    outcomes.append(exc)
+        failed = sum(isinstance(outcome, Exception) for outcome in outcomes)
+        broken = failed == len(jobs) and not self._works(model)
+        if broken:
+            logger.error(
+                "model %s fails on every text, the one it classified when loaded included",
+                model.version,
+                exc_info=error,
+            )
+        else:
+            logger.warning(
+                "model %s cannot classify %d of %d requests; they are answered 422", model.version, failed, len(jobs)
+            )
+        results: list[BatchResult | BaseException] = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, BatchResult):
+                results.append(outcome)
+            elif broken:
+                results.append(
+                    InferenceError(
+                        f"inference failed on model {model.version} ({_describe(outcome)}) and the model classifies "
+                        "nothing else either; the error is logged: retry later, or report it if it persists"
+                    )
+                )
+            else:
+                what = "this text" if len(job.texts) == 1 else f"one or more of these {len(job.texts)} texts"
+                results.append(
+                    BadRequestError(
+                        422,
+                        f"model {model.version} cannot classify {what} ({_describe(outcome)}), though it classifies "
+                        "other texts; change or shorten it",
+                    )
+                )
+        return results
+
+    def _works(self, model: ServedModel) -> bool:
+        try:
+            self._classify(model, [PROBE_TEXT])
+        except Exception:  # noqa: BLE001 - the model fails on any text: the caller logs the original error
+            return False
+        return True
 
     def _settle(self, jobs: list[_Job], results: list[BatchResult | BaseException]) -> None:
         with self._lock:
@@ -173,6 +253,10 @@ class MicroBatcher:
                 continue  # the server is shutting down; nobody awaits these any more
             # One wake-up of the event loop per batch, not per request.
             loop.call_soon_threadsafe(_resolve, pairs)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
 
 
 def _resolve(pairs: list[tuple[_Job, BatchResult | BaseException]]) -> None:

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds before a version that failed to load is tried again.
 RETRY_FAILED_SECONDS = 30.0
+#: Classified by every model before it serves, and by the batcher to tell a broken model from a poison request.
+PROBE_TEXT = "warm up"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class ServedModel:
             parent_version=card.parent_version,
             max_length=self.classifier.max_length,
             device=str(self.classifier.device),
-            dtype=str(self.classifier.model.dtype).removeprefix("torch."),
+            # Read from the weights: a plain torch module (not a Hugging Face model) has no ``dtype`` attribute.
+            dtype=str(next(self.classifier.model.parameters()).dtype).removeprefix("torch."),
         )
 
 
@@ -120,7 +123,7 @@ class ChampionWatcher:
         entry = self.registry.get(version)
         classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
         # A first forward pass here, not on a live request, and proof that the model runs before it serves.
-        classifier.predict_proba(["warm up"])
+        classifier.predict_proba([PROBE_TEXT])
         logger.info("loaded model %s in %.1fs", version, time.perf_counter() - started)
         return ServedModel(classifier, entry)
 

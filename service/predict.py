@@ -35,10 +35,15 @@ def create_router(
         "/predict",
         response_model=PredictResponse,
         responses={
-            400: {"model": ErrorResponse, "description": "Body is not JSON."},
+            400: {"model": ErrorResponse, "description": "Body is not UTF-8 JSON, or nests more than 16 levels deep."},
             401: {"model": ErrorResponse, "description": "API key missing or wrong."},
             413: {"model": ErrorResponse, "description": "Too many texts, or a text over the character cap."},
-            422: {"model": ErrorResponse, "description": "Body does not follow the schema."},
+            422: {
+                "model": ErrorResponse,
+                "description": "Body does not follow the schema (duplicate keys, NaN, NUL characters and lone "
+                "surrogates included), or the model cannot classify one of its texts.",
+            },
+            500: {"model": ErrorResponse, "description": "The model fails on every text (logged)."},
             503: {"model": ErrorResponse, "description": "No model loaded yet."},
         },
         openapi_extra={

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from flywheel.errors import FlywheelError
+from flywheel.errors import BadRequestError
+from flywheel.http import json_kind, parse_json_object
 
 EXAMPLE = '{"text": "a wonderful film"} or {"texts": ["a wonderful film", "dull and far too long"]}'
-
-
-class BadRequestError(FlywheelError):
-    """A request the client must fix; carries the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class PredictRequest(BaseModel):
@@ -69,19 +60,8 @@ class ErrorResponse(BaseModel):
 
 
 def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[str]:
-    """The texts of a /predict body, or BadRequestError saying what is wrong with it."""
-    if not body.strip():
-        raise BadRequestError(400, f"request body is empty; send JSON like {EXAMPLE}")
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError as exc:
-        raise BadRequestError(400, f"request body is not UTF-8 text: {exc.reason}") from exc
-    except json.JSONDecodeError as exc:
-        raise BadRequestError(
-            400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from exc
-    if not isinstance(data, dict):
-        raise BadRequestError(422, f"request body must be a JSON object, got {_kind(data)}; send {EXAMPLE}")
+    """The texts of a /predict body, or BadRequestError saying what is wrong with it (see ``parse_json_object``)."""
+    data = parse_json_object(body, EXAMPLE)
     unknown = sorted(set(data) - {"text", "texts"})
     if unknown:
         raise BadRequestError(422, f"unknown field(s) {', '.join(map(repr, unknown))}; send {EXAMPLE}")
@@ -90,12 +70,12 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[str]
         raise BadRequestError(422, f"send exactly one of 'text' or 'texts', got {which}; e.g. {EXAMPLE}")
     if "text" in data:
         if not isinstance(data["text"], str):
-            raise BadRequestError(422, f"'text' must be a string, got {_kind(data['text'])}")
+            raise BadRequestError(422, f"'text' must be a string, got {json_kind(data['text'])}")
         texts = [data["text"]]
         names = ["text"]
     else:
         if not isinstance(data["texts"], list):
-            raise BadRequestError(422, f"'texts' must be a list of strings, got {_kind(data['texts'])}")
+            raise BadRequestError(422, f"'texts' must be a list of strings, got {json_kind(data['texts'])}")
         texts = data["texts"]
         if not texts:
             raise BadRequestError(422, "'texts' is empty; send at least one text")
@@ -106,7 +86,7 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[str]
         names = [f"texts[{i}]" for i in range(len(texts))]
     for name, text in zip(names, texts, strict=True):
         if not isinstance(text, str):
-            raise BadRequestError(422, f"{name} must be a string, got {_kind(text)}")
+            raise BadRequestError(422, f"{name} must be a string, got {json_kind(text)}")
         if not text.strip():
             raise BadRequestError(422, f"{name} is empty or only whitespace; there is nothing to classify")
         if len(text) > max_chars:
@@ -114,15 +94,3 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[str]
                 413, f"{name} has {len(text)} characters, more than the limit of {max_chars}; shorten it"
             )
     return texts
-
-
-def _kind(value: object) -> str:
-    return {
-        type(None): "null",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)

@@ -33,6 +33,9 @@ TINY_TRAINING_ENV = {
     "FLYWHEEL_MAX_LENGTH": "32",
     "FLYWHEEL_PATIENCE": "4",
     "FLYWHEEL_TORCH_THREADS": "2",
+    # The tiny model learns the synthetic task in a few epochs: no minimum of steps, one challenger per retrain.
+    "FLYWHEEL_MIN_TRAIN_STEPS": "1",
+    "FLYWHEEL_RETRAIN_CANDIDATES": "warm",
 }
 
 

@@ -50,6 +50,10 @@ class RetrainRunBase(SQLModel):
     #: Macro-F1 and friends of each model on the golden holdout and on the held-out feedback slice.
     champion_metrics: dict[str, Any] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     challenger_metrics: dict[str, Any] | None = Field(default=None, sa_type=JSON(none_as_null=True))
+    #: Every challenger the run trained: its settings, scores on both sets, and whether the gate allowed it.
+    candidates: list[dict[str, Any]] | None = Field(default=None, sa_type=JSON(none_as_null=True))
+    #: What the gate decided on: the held-out slice's size, the chosen gain and its paired-bootstrap interval.
+    gate_evidence: dict[str, Any] | None = Field(default=None, sa_type=JSON(none_as_null=True))
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

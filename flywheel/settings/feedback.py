@@ -27,21 +27,21 @@ class FeedbackSettings(FlywheelSettings):
         "are not limited.",
     )
     feedback_label_issue_threshold: float = Field(
-        0.1,
+        0.3,
         ge=0,
         le=1,
-        description="Corrections whose cleanlab label-quality score (normalized margin) is below this are held "
-        "for review as possible label errors (0.1 = the model gives another label >= 0.9).",
+        description="Labels from untrusted sources whose cleanlab label-quality score (normalized margin) is below "
+        "this wait for a reviewer as possible label errors (0.3 = the model gives another of two labels >= 0.7).",
     )
     feedback_quarantine_min_scored: int = Field(
-        20, ge=1, description="Scored corrections a source needs before it can be quarantined."
+        20, ge=1, description="Scored labels a source needs before it can be quarantined."
     )
     feedback_quarantine_rate: float = Field(
-        0.3, gt=0, le=1, description="A source is quarantined when at least this share of its corrections are "
-        "possible label errors ..."
-    )
-    feedback_quarantine_ratio: float = Field(
-        3.0, ge=1, description="... and that share is at least this many times the share of all other sources."
+        0.5,
+        gt=0,
+        le=1,
+        description="An untrusted source is quarantined once at least this share of its scored labels are possible "
+        "label errors; its accepted, unused labels go back to review.",
     )
     ingest_group_id: str = Field("flywheel-ingest", description="Kafka consumer group of `flywheel ingest`.")
     ingest_batch_size: int = Field(500, ge=1, le=10_000, description="Most events written per database transaction.")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from flywheel.settings.core import FlywheelSettings
 
@@ -16,11 +19,31 @@ class RetrainSettings(FlywheelSettings):
     retrain_min_new_labels: int = Field(
         100, ge=1, description="Accepted, unused feedback labels that trigger a retrain at the next check."
     )
-    retrain_from_base: bool = Field(
-        False, description="Fine-tune challengers from the base model instead of warm-starting from the champion."
+    retrain_candidates: Annotated[list[Literal["warm", "gentle", "bold", "eager", "probe", "base"]], NoDecode] = Field(
+        ["warm", "gentle", "probe"],
+        min_length=1,
+        description="Challenger recipes one run trains, in order, comma-separated: warm (from the champion), "
+        "gentle (half the learning rate), bold (twice the learning rate), eager (twice the feedback weight), probe "
+        "(the champion's encoder with its head refit as a linear probe), base (the base model with a linear-probe "
+        "head).",
+    )
+    retrain_time_budget_minutes: float = Field(
+        15.0,
+        gt=0,
+        description="Wall time of one run's candidates: no further candidate starts once the longest so far would "
+        "not fit.",
     )
     retrain_feedback_weight: float = Field(
-        3.0, gt=0, description="Loss weight of a feedback row relative to a replayed original training row."
+        3.0,
+        gt=0,
+        description="Loss weight of a trusted or reviewer-confirmed feedback row relative to a replayed original "
+        "training row.",
+    )
+    retrain_untrusted_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Loss weight of a feedback row from an untrusted source that vetting accepted: it counts no "
+        "more than an original row, so labels nobody vouched for cannot outweigh what the model knew.",
     )
     retrain_replay_rows: int = Field(
         20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
@@ -33,7 +56,10 @@ class RetrainSettings(FlywheelSettings):
         "(only trusted or reviewer-confirmed labels judge a challenger).",
     )
     retrain_min_eval_rows: int = Field(
-        10, ge=1, description="Fewest trusted held-out feedback rows a gate needs; with fewer the run is skipped."
+        30,
+        ge=1,
+        description="Fewest trusted held-out feedback rows a gate decides on (fewer cannot resolve a macro-F1 "
+        "difference); with fewer the run is skipped.",
     )
     retrain_max_principal_share: float = Field(
         0.2,
@@ -43,10 +69,23 @@ class RetrainSettings(FlywheelSettings):
         "labels are kept); trusted sources and reviewer-confirmed labels are exempt.",
     )
     retrain_min_gain: float = Field(
-        0.0, ge=0, description="Macro-F1 gain on the held-out feedback a challenger needs over the champion."
+        0.0,
+        ge=0,
+        description="Held-out feedback macro-F1 gain over the champion that the lower end of its bootstrap "
+        "interval must exceed.",
+    )
+    retrain_gain_confidence: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="Confidence of the paired-bootstrap interval of the feedback gain (0.9: its lower end is a "
+        "one-sided 95% bound).",
     )
     retrain_max_holdout_drop: float = Field(
         0.01, ge=0, description="Most golden-holdout macro-F1 a challenger may lose against the champion (0.01 = 1 pt)."
+    )
+    retrain_max_class_drop: float = Field(
+        0.03, ge=0, description="Most golden-holdout F1 any one class may lose against the champion (0.03 = 3 pts)."
     )
     retrain_lease_seconds: float = Field(
         120.0, gt=0, description="Retrain lock lease; a worker that stops renewing it is presumed dead after this long."
@@ -57,3 +96,11 @@ class RetrainSettings(FlywheelSettings):
     housekeeping_interval_seconds: int = Field(
         3600, ge=10, description="Seconds between housekeeping runs (orphan feedback, old drift reports)."
     )
+
+    @field_validator("retrain_candidates", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """``warm,gentle`` from the environment becomes a list."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value

@@ -27,11 +27,38 @@ class TrainingSettings(FlywheelSettings):
     holdout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of cleaned data frozen as the golden holdout on first training."
     )
-    epochs: int = Field(2, ge=1, description="Maximum training epochs.")
+    epochs: int = Field(
+        3,
+        ge=1,
+        description="Epochs over a large training set; a set too small to reach min_train_steps in that many runs "
+        "more epochs, up to max_epochs.",
+    )
+    min_train_steps: int = Field(
+        300,
+        ge=1,
+        description="Fewest optimizer steps of a training run: small sets are trained by steps, not epochs.",
+    )
+    max_epochs: int = Field(40, ge=1, description="Most epochs any training run takes, however small its set.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear learning-rate warm-up.")
-    patience: int = Field(1, ge=0, description="Epochs without validation macro-F1 gain before early stopping.")
+    linear_probe: bool = Field(
+        True,
+        description="Start a new head as a logistic regression on the frozen encoder's embeddings, then fine-tune "
+        "everything (linear probing, then fine-tuning: pretrained features are not distorted by a random head).",
+    )
+    probe_c: float = Field(
+        1.0, gt=0, description="Inverse L2 strength of the linear-probe logistic regression (scikit-learn's C)."
+    )
+    evaluations: int = Field(
+        10,
+        ge=1,
+        description="Validation checks spread over a training run, plus one before the first step; the best "
+        "checkpoint is kept.",
+    )
+    patience: int = Field(
+        3, ge=0, description="Validation checks without a macro-F1 gain before training stops early."
+    )
     max_train_minutes: float = Field(20.0, gt=0, description="Wall-time cap of one training run, in minutes.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores.")

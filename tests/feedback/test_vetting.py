@@ -78,7 +78,7 @@ def test_conflicting_labels_for_one_text_are_flagged_and_held(store: FeedbackSto
 def test_a_source_that_keeps_contradicting_a_confident_model_is_quarantined(
     store_factory: Callable[..., FeedbackStore],
 ) -> None:
-    store = store_factory(feedback_quarantine_min_scored=10, feedback_quarantine_rate=0.3, feedback_quarantine_ratio=3)
+    store = store_factory(feedback_quarantine_min_scored=10, feedback_quarantine_rate=0.3)
     now = utcnow()
     honest = [prediction(f"honest text {i}", 0.55) for i in range(20)]
     spam = [prediction(f"spam target {i}", 0.97 if i % 3 else 0.6) for i in range(12)]
@@ -107,6 +107,29 @@ def test_a_source_that_keeps_contradicting_a_confident_model_is_quarantined(
         ("cli", "source.release", "bot"),
         ("vetting", "source.quarantine", "bot"),
     ]
+
+
+def test_a_quarantine_found_while_vetting_a_batch_sends_that_batchs_accepted_labels_back_too(
+    store_factory: Callable[..., FeedbackStore],
+) -> None:
+    store = store_factory(feedback_quarantine_min_scored=10, feedback_quarantine_rate=0.5)
+    # Bare-text labels wait for evidence; `flywheel feedback vet` then judges them all in one transaction. The
+    # attacker's first labels look plausible and are accepted before its rate crosses the line.
+    plausible = [(f"plausible text {i}", "negative") for i in range(4)]
+    flips = [(f"clearly positive text {i}", "negative") for i in range(12)]
+    store.import_labels(plausible + flips, source="attacker")
+    waiting = dict(store.awaiting_evidence())
+    assert len(waiting) == 16
+    scores = {
+        feedback_id: {"negative": 0.45, "positive": 0.55} if text.startswith("plausible") else
+        {"negative": 0.03, "positive": 0.97}
+        for feedback_id, text in waiting.items()
+    }
+    assert store.attach_evidence("v1", scores) == 16
+
+    assert next(source for source in store.sources() if source.source == "attacker").quarantined
+    statuses = {row.text: row.status for row in store.export()}
+    assert set(statuses.values()) == {FeedbackStatus.PENDING}, statuses
 
 
 def test_rate_limits_count_per_principal_in_one_minute_windows_by_role(

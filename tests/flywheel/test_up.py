@@ -48,6 +48,8 @@ def stack(tiny_base: Path, synthetic_csv: Path, tmp_path: Path) -> Iterator[tupl
         "FLYWHEEL_HOME": str(home),
         "FLYWHEEL_BASE_MODEL": str(tiny_base),
         "FLYWHEEL_EPOCHS": "6",
+        "FLYWHEEL_MIN_TRAIN_STEPS": "1",
+        "FLYWHEEL_RETRAIN_CANDIDATES": "warm",
         "FLYWHEEL_LEARNING_RATE": "0.002",
         "FLYWHEEL_BATCH_SIZE": "16",
         "FLYWHEEL_MAX_LENGTH": "32",

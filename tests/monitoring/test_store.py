@@ -52,7 +52,8 @@ def log_predictions(store: FeedbackStore, hours_ago: list[float]) -> list[str]:
 
 def test_window_is_recent_predictions_with_accepted_feedback(store: FeedbackStore) -> None:
     ids = log_predictions(store, [50, 30, 5, 4, 3, 2, 1])
-    store.submit(FeedbackCreate(prediction_id=ids[2], label="negative", source="annotation"))
+    # The model (0.8 positive) does not contradict this label, so vetting accepts it from an untrusted principal.
+    store.submit(FeedbackCreate(prediction_id=ids[2], label="positive", source="annotation"))
     rejected = store.submit(FeedbackCreate(prediction_id=ids[3], label="negative", source="annotation"))
     store.resolve(rejected.feedback_id, accept=False, reason="wrong")
     reader = WindowReader(store.database)
@@ -60,7 +61,7 @@ def test_window_is_recent_predictions_with_accepted_feedback(store: FeedbackStor
     day = reader.load(hours=24, max_rows=100)
 
     assert day.frame["prediction_id"].tolist() == ids[2:]
-    assert day.frame["feedback_label"].tolist() == ["negative", None, None, None, None]
+    assert day.frame["feedback_label"].tolist() == ["positive", None, None, None, None]
     assert day.frame["predicted"].eq("positive").all()
     assert day.frame["confidence"].eq(0.8).all()
     assert day.start is not None

@@ -8,10 +8,11 @@ import pytest
 from flywheel.classifier import Classifier
 from flywheel.errors import DatasetError, RegistryError
 from flywheel.holdout import GoldenHoldout
+from flywheel.network import is_sentence_classifier
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from retrain.pipeline import TrainingPipeline
-from retrain.trainer import Trainer
+from retrain.trainer import Schedule, Trainer
 from tests.support import NEGATIVE_WORDS, POSITIVE_WORDS, synthetic_sentiment
 
 pytestmark = pytest.mark.slow
@@ -116,3 +117,34 @@ class TestBehaviour:
         result = model.predict_proba(["great " * 500, "great"])
         assert result.truncated == [True, False]
         assert result.probs.shape == (2, 2)
+
+
+def test_small_sets_train_by_steps_and_large_ones_by_epochs(settings: Settings) -> None:
+    steps = settings.model_copy(update={"min_train_steps": 300, "epochs": 3, "max_epochs": 40, "batch_size": 32})
+    small, large = Schedule.plan(160, steps), Schedule.plan(9000, steps)
+    assert (small.steps_per_epoch, small.epochs, small.total_steps) == (5, 40, 200)  # capped by max_epochs
+    assert (Schedule.plan(640, steps).epochs, Schedule.plan(640, steps).total_steps) == (15, 300)
+    assert (large.epochs, large.total_steps) == (3, 846)
+    assert large.eval_every == 85 and small.eval_every == 20  # ten validation checks per run
+
+
+def test_a_new_head_starts_as_a_linear_probe_and_training_keeps_its_best_check(
+    pipeline: TrainingPipeline, settings: Settings
+) -> None:
+    outcome = pipeline.run(synthetic_sentiment(400))
+    training, card = outcome.training, outcome.version.card
+    # The probe is checked before the first step; fine-tuning only ever keeps a checkpoint at least as good.
+    assert training.history[0]["step"] == 0 and training.probe_macro_f1 == training.history[0]["val_macro_f1"]
+    assert training.probe_macro_f1 is not None and training.probe_macro_f1 > 0.6  # frozen random features still tell
+    assert training.validation.macro_f1 == max(check["val_macro_f1"] for check in training.history)
+    assert card.steps_run == training.steps_run > 0 and card.probe_macro_f1 == training.probe_macro_f1
+    assert card.hyperparameters["linear_probe"] is True
+    # Stored as encoder + mean-pooled head; a warm start keeps the head and is not probed again.
+    assert is_sentence_classifier(outcome.version.model_dir)
+    warm = pipeline.run(synthetic_sentiment(400, seed=3), warm_start=outcome.version.version)
+    assert warm.training.probe_macro_f1 is None
+
+    unprobed = settings.model_copy(update={"linear_probe": False})
+    plain = TrainingPipeline(unprobed, pipeline.registry, Trainer(unprobed, progress=False))
+    assert plain.run(synthetic_sentiment(400, seed=4)).training.probe_macro_f1 is None
+

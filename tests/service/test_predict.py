@@ -51,6 +51,17 @@ def test_text_longer_than_the_model_reads_is_truncated_and_says_so(client: TestC
     assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
 
 
+def test_text_over_the_character_budget_is_cut_before_tokenizing_and_says_so(client: TestClient) -> None:
+    # The model reads 32 tokens, so texts are cut to 320 characters first. A 20,000-character word is one [UNK]
+    # token to the tokenizer, which alone would not call it truncated; a word of 320 characters is not cut.
+    word = "a" * 20_000
+    response = client.post("/predict", json={"texts": [word, "x" * 320]})
+    assert response.status_code == 200
+    assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
+    cut = client.post("/predict", json={"text": word[:320]}).json()["predictions"][0]
+    assert cut["scores"] == response.json()["predictions"][0]["scores"], "the model read the first 320 characters"
+
+
 def test_model_reports_version_labels_metrics_and_load_time(client: TestClient) -> None:
     info = client.get("/model").json()
     assert info["labels"] == ["negative", "positive"]

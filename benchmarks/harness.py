@@ -1,0 +1,100 @@
+"""What the loop benchmarks share: labels sent over HTTP by keyed principals, vetting, one retrain, scoring.
+
+The benchmarks run as scripts (`python benchmarks/x.py`), so this module is imported by its file name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+from flywheel.access import KeyStore
+from flywheel.classifier import Classifier
+from flywheel.database import Database
+from flywheel.models.access import Role
+from flywheel.models.retrain import RetrainRunPublic, RunTrigger
+from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.settings import Settings
+from retrain.evaluation import predictions
+from retrain.runner import RetrainRunner
+
+# The tests' helpers start `bentoml serve` and run CLI commands in-process; they live beside the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+#: One principal's labels: its name, its role, and the rows it sends.
+Batch = tuple[str, Role, pd.DataFrame]
+
+
+def classify(version: ModelVersion, texts: list[str]) -> list[str]:
+    """The label a registered version gives each text."""
+    classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
+    return predictions(classifier, texts)
+
+
+def post_labels(url: str, key: str, rows: pd.DataFrame) -> None:
+    """Send each row as `POST /feedback` with the principal's key."""
+    with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": key}) as http:
+        for text, label in zip(rows["text"], rows["label"], strict=True):
+            answer = http.post("/feedback", json={"text": text, "label": label})
+            if answer.status_code != 202:
+                raise SystemExit(f"POST /feedback answered {answer.status_code}: {answer.text}")
+
+
+@dataclass
+class LoopResult:
+    """One loop: every label with its status, the retrain run, its wall time, and the model served after it."""
+
+    labels: pd.DataFrame
+    run: RetrainRunPublic
+    seconds: float
+    model: ModelVersion
+    #: Names of the sources vetting quarantined.
+    quarantined: list[str]
+
+
+def bench_env(home: Path, threads: int) -> dict[str, str]:
+    """The environment of a loop's CLI commands and service: its home, no broker (the request log spills)."""
+    return {
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_TORCH_THREADS": str(threads),
+        "FLYWHEEL_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+    }
+
+
+def run_loop(
+    home: Path, env: dict[str, str], batches: list[Batch], trusted: tuple[str, ...] = ("annotator",)
+) -> LoopResult:
+    """Keys, labels over HTTP, trust for ``trusted``, vetting, one retrain; what was accepted and which model won."""
+    from tests.conftest import run_cli, running_service
+
+    settings = Settings(home=home)
+    database = Database.from_settings(settings).start()
+    store = KeyStore(database)
+    keys = {name: store.create(name, role, "bench")[1] for name, role, _ in batches}
+    for name in trusted:
+        answer = run_cli(env, "sources", "trust", name)
+        if answer.returncode != 0:
+            raise SystemExit(f"flywheel sources trust failed: {answer.stderr}")
+    with running_service(env) as url:
+        for name, _, rows in batches:
+            post_labels(url, keys[name], rows)
+    vetted = run_cli(env, "feedback", "vet")
+    if vetted.returncode != 0:
+        raise SystemExit(f"flywheel feedback vet failed: {vetted.stderr}")
+    labels = pd.read_csv(io.StringIO(run_cli(env, "feedback", "export").stdout))
+    sources = json.loads(run_cli(env, "sources", "list", "--json").stdout)
+    started = time.monotonic()
+    run = RetrainRunner(settings, database, ModelRegistry(settings)).run(RunTrigger.MANUAL)
+    seconds = time.monotonic() - started
+    database.dispose()
+    if run is None:
+        raise SystemExit("another worker held the retrain lock")
+    quarantined = [source["source"] for source in sources if source["quarantined"]]
+    return LoopResult(labels, run, seconds, ModelRegistry(settings).champion_version(), quarantined)
