@@ -74,8 +74,7 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -
 
 def evaluate(classifier: Classifier, frame: pd.DataFrame, batch_size: int = 64) -> Metrics:
     """Run ``classifier`` over a ``text``/``label`` frame and score it."""
-    result = classifier.predict_proba(frame["text"].tolist(), batch_size=batch_size)
-    predicted = [classifier.labels[i] for i in result.probs.argmax(axis=1)]
+    predicted = predictions(classifier, frame["text"].tolist(), batch_size=batch_size)
     return score(frame["label"].tolist(), predicted, classifier.labels)
 
 

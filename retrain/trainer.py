@@ -182,8 +182,8 @@ class Trainer:
         )
         collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         started = time.monotonic()
-        probe_f1 = None
-        if (fresh_head and s.linear_probe) or probe:
+        probed = bool(probe) or (fresh_head and s.linear_probe)
+        if probed:
             self._probe(model, collator, encoded, targets, weights)
 
         plan = Schedule.plan(len(encoded), s)
@@ -225,7 +225,7 @@ class Trainer:
             return checks_without_gain > s.patience
 
         check(float("nan"))
-        probe_f1 = history[0]["val_macro_f1"] if (fresh_head and s.linear_probe) or probe else None
+        probe_f1 = history[0]["val_macro_f1"] if probed else None
         bar = tqdm(total=plan.total_steps, desc="training", unit="step", disable=not self.progress)
         running_loss, window = 0.0, 0
         model.train()
