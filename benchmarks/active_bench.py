@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--champion-rows", type=int, default=2000)
     parser.add_argument("--budgets", default="50,100,200,300", help="Labels per run, comma-separated.")
     parser.add_argument("--random-seeds", type=int, default=5)
+    parser.add_argument("--pool-rows", type=int, default=POOL_ROWS, help="New-domain texts offered for labelling.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     configure_logging("WARNING")
@@ -101,7 +102,7 @@ def main() -> None:
 
     movies = load_dataset(args.data).sample(n=args.champion_rows, random_state=0)
     products = pd.read_csv(PRODUCT_REVIEWS).sample(frac=1.0, random_state=0)[["text", "label"]]
-    pool, test = products.iloc[:POOL_ROWS], products.iloc[POOL_ROWS:]
+    pool, test = products.iloc[: args.pool_rows], products.iloc[args.pool_rows :]
     with tempfile.TemporaryDirectory() as directory:
         scratch = Path(directory)
         base = scratch / "champion"

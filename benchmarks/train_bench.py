@@ -102,13 +102,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/rotten_tomatoes.csv"))
     parser.add_argument("--rows", default="200,800,2000,9000", help="Training-set sizes, comma-separated.")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per size (each draws its own rows).")
+    parser.add_argument("--test-rows", type=int, default=TEST_ROWS, help="Movie reviews never trained on, scored.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     configure_logging("WARNING")
     torch.set_num_threads(args.threads)
 
     corpus = load_dataset(args.data).sample(frac=1.0, random_state=1234).reset_index(drop=True)
-    test, pool = corpus.iloc[:TEST_ROWS].reset_index(drop=True), corpus.iloc[TEST_ROWS:].reset_index(drop=True)
+    test = corpus.iloc[: args.test_rows].reset_index(drop=True)
+    pool = corpus.iloc[args.test_rows :].reset_index(drop=True)
     sizes = [int(size) for size in args.rows.split(",")]
     if max(sizes) > len(pool):
         raise SystemExit(f"--rows asks for {max(sizes)} rows; the corpus has {len(pool)} beside the test set")

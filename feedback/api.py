@@ -6,6 +6,11 @@ nothing. Rate limits are per principal and shared by every worker (see ``feedbac
 
 The worker's one database is opened in the background, so predictions are served even while it is down; these
 routes get it through a FastAPI dependency, and the app answers 503 while it is unreachable.
+
+``POST /feedback`` admits each request before reading its body (see ``flywheel.admission``): at most
+``FLYWHEEL_FEEDBACK_MAX_IN_FLIGHT`` per worker (unset: sized from the requests/s its database work is measured to
+take), fair per principal, else 503 with ``Retry-After``. Its database work is dropped before it starts when the
+client has disconnected or the request waited past ``FLYWHEEL_SERVE_TIMEOUT``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads route signatures at run time, and their dependencies
@@ -13,6 +18,7 @@ routes get it through a FastAPI dependency, and the app answers 503 while it is 
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,10 +34,12 @@ from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackStore, feedback_event
 from flywheel.access import Caller
+from flywheel.admission import Admission, DeadlineExceededError, Throughput, sized_limit
 from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
 from flywheel.errors import describe_validation_errors
-from flywheel.http import parse_json_object, read_body
+from flywheel.http import ClientDisconnectedError, parse_json_object, read_body, unless_disconnected
+from flywheel.metrics import admission_metrics
 from flywheel.models.access import Role
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic, FeedbackSourcePublic, InvalidSourceError
 from flywheel.publisher import EventPublisher
@@ -49,6 +57,9 @@ _BYTES_PER_CHAR = 6
 _BODY_OVERHEAD = 4096
 #: Threads doing database work per worker: few threads contend less for the GIL than one per request.
 DB_THREADS = 4
+#: Floor and ceiling of the measured bound on /feedback requests in flight per worker.
+MIN_IN_FLIGHT = 16
+MAX_IN_FLIGHT = 1024
 T = TypeVar("T")
 
 
@@ -126,6 +137,48 @@ def create_router(
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, partial(function, *args))
 
+    throughput = Throughput()
+    admission = Admission(
+        "feedback",
+        "requests",
+        sized_limit(
+            settings.feedback_max_in_flight,
+            throughput,
+            min(settings.admission_queue_seconds, settings.serve_timeout),
+            MIN_IN_FLIGHT,
+            MAX_IN_FLIGHT,
+        ),
+        throughput,
+    )
+    admission.publish()
+    dropped = admission_metrics().dropped
+
+    async def admitted_work(
+        request: Request, deadline: float, spent: list[float], function: Callable[..., T], *args: Any
+    ) -> T:
+        """``function(*args)`` on a database thread, unless the client leaves or ``deadline`` passes before it runs;
+        the seconds it took are appended to ``spent``."""
+        started: list[float] = []
+
+        def run() -> T:
+            if time.monotonic() > deadline:
+                dropped.labels(route="feedback", reason="expired").inc()
+                raise DeadlineExceededError(
+                    "the request waited for the database past its deadline (FLYWHEEL_SERVE_TIMEOUT)"
+                )
+            started.append(time.perf_counter())
+            try:
+                return function(*args)
+            finally:
+                spent.append(time.perf_counter() - started[0])
+
+        try:
+            return await unless_disconnected(request, in_thread(run))
+        except ClientDisconnectedError:
+            if not started:
+                dropped.labels(route="feedback", reason="cancelled").inc()
+            raise
+
     body_limit = (settings.max_text_chars + settings.feedback_max_comment_chars) * _BYTES_PER_CHAR + _BODY_OVERHEAD
     router = APIRouter(tags=["feedback"])
     errors: dict[int | str, dict[str, Any]] = {
@@ -136,8 +189,15 @@ def create_router(
             (409, "The label was already used for training, or its prediction has not arrived."),
             (413, "Body too large."),
             (422, "Invalid body, or a label the serving model does not know."),
+            (401, "API key missing, wrong or revoked."),
+            (403, "The key lacks the role, or a browser session without its CSRF token."),
             (429, "Too much feedback from this principal; see Retry-After."),
-            (503, "No model loaded yet, or the feedback store is unreachable."),
+            (
+                503,
+                "No model loaded yet, the feedback store is unreachable, or the worker is at capacity (admission "
+                "control): retry after Retry-After seconds.",
+            ),
+            (504, "The request waited for the database past FLYWHEEL_SERVE_TIMEOUT and was not stored."),
         )
     }
 
@@ -162,26 +222,40 @@ def create_router(
 
         The label belongs to the calling principal; a ``source`` in the body is kept as a note only.
         """
-        body = await read_body(request, body_limit, "feedback")
-        create = parse_feedback_body(body, settings)
-        model = serving()
-        if model is None:
-            raise HTTPException(503, "no model is loaded yet, so its labels are unknown; retry shortly")
-        labels = model.card.labels
-        if create.label not in labels:
-            raise HTTPException(
-                422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
-            )
-        wait = await in_thread(backend.limiter.acquire, caller.name, caller.role)
-        if wait > 0:
-            raise HTTPException(
-                429,
-                f"{caller.name!r} sent more than {backend.limiter.limit(caller.role)} feedback requests this minute; "
-                f"retry in {wait:.0f}s",
-                headers={"Retry-After": str(max(1, round(wait)))},
-            )
-        with answered():
-            saved = await in_thread(backend.store.submit, create, caller.name)
+        deadline = time.monotonic() + settings.serve_timeout
+        ticket = admission.ticket()
+        try:
+            # Admitted before the body is read: a refused request costs neither its bytes nor a database call.
+            admission.admit_work(ticket, caller.name, 1)
+            try:
+                body = await read_body(request, body_limit, "feedback")
+            except ClientDisconnectedError:
+                dropped.labels(route="feedback", reason="cancelled").inc()
+                raise
+            create = parse_feedback_body(body, settings)
+            model = serving()
+            if model is None:
+                raise HTTPException(503, "no model is loaded yet, so its labels are unknown; retry shortly")
+            labels = model.card.labels
+            if create.label not in labels:
+                raise HTTPException(
+                    422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
+                )
+            spent: list[float] = []
+            wait = await admitted_work(request, deadline, spent, backend.limiter.acquire, caller.name, caller.role)
+            if wait > 0:
+                raise HTTPException(
+                    429,
+                    f"{caller.name!r} sent more than {backend.limiter.limit(caller.role)} feedback requests this "
+                    f"minute; retry in {wait:.0f}s",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
+            with answered():
+                saved = await admitted_work(request, deadline, spent, backend.store.submit, create, caller.name)
+            # The pool runs DB_THREADS requests at once: a request's database seconds are a share of that.
+            throughput.observe(1, sum(spent) / DB_THREADS)
+        finally:
+            ticket.release()
         publisher.publish(feedback_event(saved))
         return JSONResponse(saved.model_dump(mode="json"), status_code=202)
 

@@ -4,7 +4,10 @@ Offsets are committed only after the database transaction holding the batch comm
 re-delivers events instead of losing them, and the upsert on ``prediction_id`` makes re-delivery
 harmless. Events that can never be stored go to ``flywheel.dlq`` with the error. When the database
 (or, for dead letters, the broker) is unreachable the consumer pauses its partitions, keeps polling
-so it stays in the group, and retries the same batch with backoff until it succeeds.
+so it stays in the group, and retries the same batch with backoff until it succeeds. Any other failure
+(a schema changed under it, a bug) closes the consumer; it is supervised (``flywheel.supervision``), so a
+fresh one starts after a backoff and is re-delivered the uncommitted batch. Both kinds of fault show in
+``flywheel_thread_up{thread="ingest"}`` and ``flywheel_thread_faults_total`` until batches go through again.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from flywheel.events import DeadLetterEvent, EventDecodeError, PredictionEvent, 
 from flywheel.kafka import kafka_consumer, kafka_producer
 from flywheel.retry import failure
 from flywheel.settings import Settings
+from flywheel.supervision import Supervised, describe
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +108,21 @@ class PredictionIngestor:
             "flywheel_ingest_retries", "Retries while the database or broker was unreachable.", registry=self.registry
         )
         self._sweep_interval = min(max(settings.feedback_grace_seconds / 4, 0.5), 60.0)
+        #: Runs one consumer at a time until stop(), starting a fresh one after any unexpected failure.
+        self.supervisor = Supervised(
+            "ingest", self._consume, self._stop, max_backoff=settings.ingest_retry_max_seconds, registry=self.registry
+        )
+        self._connection: tuple[KafkaConsumer, KafkaProducer] | None = None
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand."""
         self._stop.set()
 
     def run(self) -> IngestStats:
-        """Consume until ``stop()``; returns the totals."""
+        """Consume until ``stop()``; returns the totals. Only an unreachable broker at the start raises."""
         settings = self.settings
         try:
-            consumer, producer = self._connect()
+            self._connection = self._connect()
         except KafkaError as exc:
             raise IngestError(
                 f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}): start it or set FLYWHEEL_KAFKA_BOOTSTRAP"
@@ -121,11 +130,26 @@ class PredictionIngestor:
         metrics = None
         if settings.ingest_metrics_port:
             metrics, _ = start_http_server(settings.ingest_metrics_port, registry=self.registry)
-        consumer.subscribe([Topic.PREDICTIONS.value], listener=_Assignments(self.assigned))
         logger.info("ingesting %s into %s as group %r", Topic.PREDICTIONS.value, self.store.database.display_url,
                     self.group_id)
-        last_sweep = 0.0
+        self.supervisor.start()
         try:
+            # Joined in steps, so signal handlers of the calling (main) thread run meanwhile.
+            while self.supervisor.alive():
+                self.supervisor.join(0.5)
+        finally:
+            if metrics is not None:
+                metrics.shutdown()
+            logger.info("ingest stopped: %s", self.stats)
+        return self.stats
+
+    def _consume(self) -> None:
+        """One consumer's life: poll and store until ``stop()``; should it raise, the supervisor starts a fresh one."""
+        consumer, producer = self._connection or self._connect()
+        self._connection = None
+        try:
+            consumer.subscribe([Topic.PREDICTIONS.value], listener=_Assignments(self.assigned))
+            last_sweep = 0.0
             while not self._stop.is_set():
                 records = consumer.poll(timeout_ms=500)
                 if records:
@@ -133,19 +157,19 @@ class PredictionIngestor:
                         self._handle(consumer, producer, records)
                     except StoppedError:
                         break
+                    self.supervisor.recovered()
                 if time.monotonic() - last_sweep >= self._sweep_interval:
                     last_sweep = time.monotonic()
                     try:
                         self.store.expire_orphans()
                     except TRANSIENT_ERRORS as exc:
                         logger.warning("cannot expire orphaned feedback now: %s", exc)
+        except Exception as exc:
+            self.stats.last_error = describe(exc)
+            raise
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=5)
-            if metrics is not None:
-                metrics.shutdown()
-            logger.info("ingest stopped: %s", self.stats)
-        return self.stats
 
     def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
         consumer = kafka_consumer(
@@ -246,6 +270,7 @@ class PredictionIngestor:
             if state.attempt_number == 1:
                 logger.warning("pausing consumption, retrying the batch in hand: %s", self.stats.last_error)
                 consumer.pause(*consumer.assignment())
+            self.supervisor.fault(f"retrying a batch: {self.stats.last_error}")
 
         retrying = Retrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),

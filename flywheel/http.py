@@ -3,15 +3,17 @@ server to become ready."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import numpy as np
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from flywheel.errors import BadRequestError, FlywheelError
@@ -28,23 +30,66 @@ _STEPS = np.zeros(256, dtype=np.int8)
 _STEPS[list(b"[{")] = 1
 _STEPS[list(b"]}")] = -1
 _SCAN_CHUNK = 1 << 20
+#: Pause between reads of a server that reports something other than a disconnect after the body (none should).
+_RECEIVE_PAUSE = 0.05
+T = TypeVar("T")
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
+class ClientDisconnectedError(FlywheelError):
+    """The client closed its connection before its answer was ready; the work it asked for was dropped."""
+
+
+async def read_body(
+    request: Request, limit: int, what: str, reserve: Callable[[int], None] | None = None
+) -> bytes:
     """The whole body, or 413 as soon as the declared or received size passes ``limit`` bytes.
 
-    Refusing on the way in keeps an oversized body from being held in memory whole.
+    Refusing on the way in keeps an oversized body from being held in memory whole. ``reserve`` is called with the
+    declared size before anything is read (or with each chunk's size when none is declared) and may raise to
+    refuse the request before its bytes are held (admission control).
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    known = declared.isdigit()
+    if known and int(declared) > limit:
         raise HTTPException(413, f"request body of {declared} bytes is larger than any valid {what} ({limit} bytes)")
+    if known and reserve is not None:
+        reserve(int(declared))
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body is larger than any valid {what} ({limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request body is larger than any valid {what} ({limit} bytes)")
+            if not known and reserve is not None:
+                reserve(len(chunk))
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientDisconnectedError("the client disconnected while sending its body") from exc
     return b"".join(chunks)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, once its body has been read; if the client disconnects first, ``work`` is cancelled
+    (so queued work is dropped before compute) and :class:`ClientDisconnectedError` raised.
+
+    Cancelling the caller (a request timeout) cancels ``work`` too.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientDisconnectedError("the client disconnected before its answer was ready")
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    # Once the body is read, an ASGI server's receive() returns only when the client has gone (or the answer went).
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(_RECEIVE_PAUSE)
 
 
 def parse_json_object(body: bytes, example: str) -> dict[str, Any]:

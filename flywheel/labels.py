@@ -7,12 +7,12 @@ other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, and_, exists, func, or_, update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from flywheel.access import ANONYMOUS
 from flywheel.database import Database
@@ -87,22 +87,47 @@ class LabelLedger:
 
     def mark_used(self, feedback_ids: Sequence[str], version: str) -> int:
         """Record that model ``version`` was trained on these accepted labels; returns how many changed."""
-        changed = 0
         with self.database.session() as session:
-            for start in range(0, len(feedback_ids), _CHUNK):
-                result = session.execute(
-                    update(Feedback)
-                    .where(
-                        col(Feedback.feedback_id).in_(list(feedback_ids[start : start + _CHUNK])),
-                        col(Feedback.status) == FeedbackStatus.ACCEPTED,
-                    )
-                    .values(
-                        status=FeedbackStatus.USED,
-                        used_by_version=version,
-                        status_reason=f"used to train {version}",
-                        updated_at=utcnow(),
-                    )
-                    .execution_options(synchronize_session=False)
+            return self.mark_used_in(session, feedback_ids, version)
+
+    @staticmethod
+    def mark_used_in(session: Session, feedback_ids: Sequence[str], version: str) -> int:
+        """``mark_used`` inside the caller's transaction, so the mark commits with whatever records the promotion."""
+        changed = 0
+        for start in range(0, len(feedback_ids), _CHUNK):
+            result = session.execute(
+                update(Feedback)
+                .where(
+                    col(Feedback.feedback_id).in_(list(feedback_ids[start : start + _CHUNK])),
+                    col(Feedback.status) == FeedbackStatus.ACCEPTED,
                 )
-                changed += int(getattr(result, "rowcount", 0) or 0)
+                .values(
+                    status=FeedbackStatus.USED,
+                    used_by_version=version,
+                    status_reason=f"used to train {version}",
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            changed += int(getattr(result, "rowcount", 0) or 0)
+        return changed
+
+    @staticmethod
+    def unmark_in(session: Session, versions: Iterable[str]) -> int:
+        """Accept again the labels marked used by ``versions``, models that never became champion, so the next
+        retrain learns from them; returns how many changed."""
+        changed = 0
+        for version in versions:
+            result = session.execute(
+                update(Feedback)
+                .where(col(Feedback.status) == FeedbackStatus.USED, col(Feedback.used_by_version) == version)
+                .values(
+                    status=FeedbackStatus.ACCEPTED,
+                    used_by_version=None,
+                    status_reason=f"accepted again: {version} was trained on it but never promoted",
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            changed += int(getattr(result, "rowcount", 0) or 0)
         return changed

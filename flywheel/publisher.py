@@ -1,9 +1,14 @@
 """Asynchronous Kafka publishing that never blocks its caller and loses nothing short of a full disk.
 
 ``publish()`` only enqueues. A background thread sends to Kafka and waits for the acknowledgements. While the broker
-is unreachable, events go to an append-only spill file under ``<home>/spill/``; once it answers again the file is
-replayed in order before new events are sent directly. Spill files left by processes that died are adopted and
-replayed by the next publisher that starts. Past ``spill_max_bytes`` events are dropped, counted and logged.
+is unreachable, events go to an append-only spill file under ``<home>/spill/`` (group-committed: on stable storage
+within ``spill_fsync_ms``); once it answers again the file is replayed in order before new events are sent directly.
+Spill files of processes that died are adopted and replayed. Past ``spill_max_bytes`` events are dropped and counted.
+
+At most ``publish_queue_size`` events live only in memory (queued, in flight to Kafka, or in the thread's hands);
+beyond that ``publish()`` writes to the spill file itself. When the disk refuses a spill (full), the thread keeps
+those events, shows the fault (``health()``, ``/readyz``), retries, and sends them to Kafka should it come back first.
+The thread is supervised (``flywheel.supervision``): an exception restarts it after a backoff, with what it held.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -23,21 +28,20 @@ from tenacity import Retrying, retry_if_result, wait_fixed
 
 from flywheel.events import Event
 from flywheel.kafka import event_producer, reachable, send_and_wait
-from flywheel.metrics import publisher_metrics
+from flywheel.outbox import Outbox
 from flywheel.settings import Settings
-from flywheel.spill import Backlog, Record
+from flywheel.spill import Record
+from flywheel.supervision import Health, Supervised, describe
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
 
 logger = logging.getLogger(__name__)
 
-#: Most events sent or replayed before waiting for their acknowledgements.
+#: Most events sent or replayed before waiting for their acknowledgements; also the most the thread takes in hand.
 CHUNK = 1000
 #: How often a connected publisher looks for spill files of dead processes, in seconds.
 ORPHAN_SCAN_SECONDS = 30.0
-#: Least time between two "dropping events" log lines, in seconds.
-DROP_LOG_SECONDS = 60.0
 
 
 class _StopWaitingError(Exception):
@@ -72,61 +76,76 @@ class EventPublisher:
         self.settings = settings
         self.name = name
         self.directory = settings.home / "spill"
-        self._queue: queue.Queue[Event] = queue.Queue(maxsize=settings.publish_queue_size)
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        #: One permit per event that may live only in memory: taken by publish(), returned once Kafka acknowledged
+        #: the event or it is on disk (or dropped).
+        self._room = threading.Semaphore(settings.publish_queue_size)
+        self._outbox = Outbox(settings, name)
+        self._lock = self._outbox.lock
         self._closing = threading.Event()
         self._close_deadline = 0.0
-        self._thread: threading.Thread | None = None
+        self._thread = Supervised(f"publisher-{name}", self._deliver, self._closing)
         self._producer: KafkaProducer | None = None
         self._state = PublisherState.STARTING
-        self._backlog = Backlog(self.directory, name, settings.spill_max_bytes)
         #: Records handed to the producer and not yet acknowledged or failed, by send number.
         self._pending: dict[int, Record] = {}
         self._sends = itertools.count()
-        self._held: list[Record] = []
-        self._sent = self._spilled = self._dropped = 0
-        self._last_drop_log = 0.0
-        self._drops_since_log = 0
-        self._metrics = publisher_metrics()
+        #: Taken from the queue, neither handed to Kafka nor on disk yet, oldest first; only the thread touches it.
+        self._held: deque[Record] = deque()
+        #: Sends Kafka failed (older than ``_held``), put here by the producer's callbacks for the thread to store.
+        self._returned: list[Record] = []
+        self._disk_refuses = False
 
     # Public API
 
     def start(self) -> EventPublisher:
         """Start the sending thread; adopt spill files of dead processes."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name=f"publisher-{self.name}", daemon=True)
         self._thread.start()
         return self
 
     def publish(self, event: Event) -> None:
-        """Queue ``event`` for its topic; returns at once, spilling to disk if the queue is full."""
-        if self._state is not PublisherState.CLOSED:
-            try:
-                self._queue.put_nowait(event)
-                return
-            except queue.Full:
-                pass
-        self._spill([Record.of(event)])
+        """Queue ``event`` for its topic; returns at once, writing it to the spill file if memory is full."""
+        if self._state is not PublisherState.CLOSED and self._room.acquire(blocking=False):
+            self._queue.put(event)
+            return
+        record = Record.of(event)
+        try:
+            self._spill([record])
+        except OSError as exc:
+            self._outbox.drop_records([record], f"memory is full and the spill file cannot be written ({exc})")
 
     @property
     def state(self) -> PublisherState:
         """Where new events go right now."""
         return self._state
 
+    def health(self) -> Health:
+        """Whether events are being delivered or safely spilled, and a line saying how, or what is wrong."""
+        thread = self._thread.health()
+        if self._state is PublisherState.CLOSED or (thread.up and self._state is PublisherState.STARTING):
+            return Health(False, str(self._state), thread.faults)
+        if not thread.up:
+            return Health(False, thread.detail, thread.faults)
+        if self._state is PublisherState.CONNECTED:
+            return Health(True, "events reach Kafka", thread.faults)
+        if (sync_fault := self._outbox.sync_fault()) is not None:
+            return Health(False, f"Kafka unreachable, spills not on stable storage: {sync_fault}", thread.faults)
+        return Health(True, "Kafka unreachable: events are spilled to disk and replayed later", thread.faults)
+
     def healthy(self) -> bool:
         """Whether events are being delivered or safely spilled."""
-        thread_alive = self._thread is not None and self._thread.is_alive()
-        return thread_alive and self._state in (PublisherState.CONNECTED, PublisherState.SPILLING)
+        return self.health().up
 
     def stats(self) -> PublisherStats:
         """Counters since start."""
         return PublisherStats(
             state=self._state,
-            sent=self._sent,
-            spilled=self._spilled,
-            dropped=self._dropped,
-            queued=self._queue.qsize() + len(self._pending) + len(self._held),
-            spill_bytes=self._backlog.pending,
+            sent=self._outbox.sent,
+            spilled=self._outbox.spilled,
+            dropped=self._outbox.dropped,
+            queued=self._queue.qsize() + len(self._pending) + len(self._held) + len(self._returned),
+            spill_bytes=self._outbox.pending_bytes,
         )
 
     def close(self, timeout: float = 10.0) -> None:
@@ -137,27 +156,28 @@ class EventPublisher:
             return
         self._close_deadline = time.monotonic() + timeout
         self._closing.set()
-        if self._thread is not None:
-            self._thread.join(timeout + self.settings.kafka_timeout + 5)
+        self._thread.join(timeout + self.settings.kafka_timeout + 5)
         if self._producer is not None:
             with contextlib.suppress(KafkaError):
                 self._producer.close(timeout=1)
             self._producer = None
         with self._lock:
-            stranded = list(self._pending.values())
+            # Sends Kafka never answered go to disk too; should one still arrive, replay duplicates it (by id).
+            records = [*self._returned, *self._pending.values(), *self._held]
             self._pending.clear()
-        leftovers = []
+            self._returned = []
+        self._held.clear()
         while True:
             try:
-                leftovers.append(Record.of(self._queue.get_nowait()))
+                records.append(Record.of(self._queue.get_nowait()))
             except queue.Empty:
                 break
-        self._set_state(PublisherState.CLOSED)
-        # Sends Kafka never answered go to disk too; should one still arrive, replay duplicates it (by id).
-        self._spill([*stranded, *self._held, *leftovers])
-        self._held = []
-        with self._lock:
-            self._backlog.close()
+        self._state = PublisherState.CLOSED
+        try:
+            self._spill(records)
+        except OSError as exc:
+            self._outbox.drop_records(records, f"the spill file cannot be written at close ({exc})")
+        self._outbox.close()
 
     def __enter__(self) -> EventPublisher:
         return self.start()
@@ -167,40 +187,82 @@ class EventPublisher:
 
     # Background thread
 
-    def _run(self) -> None:
+    def _deliver(self) -> None:
+        """The thread's work, restarted by its supervisor should it raise; returns once closing is done."""
         from kafka.errors import KafkaError
 
         self._adopt_orphans()
         next_scan = 0.0
         while True:
             if self._state is not PublisherState.CONNECTED and not self._pending:
-                if self._held:
-                    # Sends in flight at the outage have failed and been spilled; what waited goes after them.
-                    self._spill(self._held)
-                    self._held = []
+                # Sends in flight at the outage have failed and come back; they go to disk before what waited.
+                self._store_in_hand()
                 if not self._reconnect():
-                    break
+                    return
             closing = self._closing.is_set()
             # Mid-replay the next chunk goes at once; while sends of an outage are unsettled, waiting is enough.
             replaying = self._state is not PublisherState.CONNECTED and not self._pending
-            events = self._take(timeout=0.0 if replaying else 0.05 if closing else 0.2)
-            records = [Record.of(event) for event in events]
+            self._take(timeout=0.0 if replaying else 0.05 if closing else 0.2)
             if self._state is PublisherState.CONNECTED:
                 # Connected implies an empty backlog: spilling or adopting a file switches the state first.
-                self._send_async(records)
+                self._send_in_hand()
                 if time.monotonic() >= next_scan:
                     next_scan = time.monotonic() + ORPHAN_SCAN_SECONDS
                     self._adopt_orphans()
-            elif self._pending:
-                self._held.extend(records)
-            else:
-                self._spill(records)
+            elif not self._pending:
+                self._store_in_hand()
             if closing and self._queue.empty():
                 if self._producer is not None and self._pending:
                     with contextlib.suppress(KafkaError):
                         self._producer.flush(timeout=max(0.0, self._close_deadline - time.monotonic()))
                 if self._settled() or time.monotonic() > self._close_deadline:
-                    break
+                    return
+
+    def _take(self, timeout: float) -> None:
+        """Move up to a chunk of queued events into the thread's hands, waiting up to ``timeout`` for the first."""
+        room = CHUNK - len(self._held)
+        if room <= 0:
+            # Neither the disk nor Kafka takes them: hold no more; the queue and publish() bound the rest.
+            time.sleep(max(timeout, 0.01))
+            return
+        try:
+            events = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return
+        while len(events) < room:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._held.extend(Record.of(event) for event in events)
+
+    def _store_in_hand(self) -> None:
+        """Write the failed sends, then the held events, to the spill file; the disk refusing, keep them in hand."""
+        with self._lock:
+            returned, self._returned = self._returned, []
+        self._held.extendleft(reversed(returned))
+        if self._held:
+            records = list(self._held)
+            try:
+                self._spill(records)
+            except OSError as exc:
+                self._disk_refused(exc)
+                return
+            self._held.clear()
+            self._room.release(len(records))
+            self._disk_refuses = False
+        self._thread.recovered()
+
+    def _disk_refused(self, error: OSError) -> None:
+        detail = (
+            f"Kafka unreachable and the spill file cannot be written ({describe(error)}): "
+            f"{len(self._held) + self._queue.qsize()} events held in memory until the disk or Kafka takes them"
+        )
+        if not self._disk_refuses:
+            self._disk_refuses = True
+            logger.error("%s; free space under %s (events beyond FLYWHEEL_PUBLISH_QUEUE_SIZE are dropped)",
+                         detail, self.directory)
+        self._thread.fault(detail)
 
     def _reconnect(self) -> bool:
         """Replay a chunk of the backlog, retrying every ``kafka_retry_interval``; False once a closing one gives up."""
@@ -222,62 +284,54 @@ class EventPublisher:
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
             closing = self._closing.is_set()
-            self._spill([Record.of(event) for event in self._take(timeout=min(remaining, 0.05 if closing else 0.2))])
+            self._take(timeout=min(remaining, 0.05 if closing else 0.2))
+            self._store_in_hand()
             if closing and self._queue.empty() and (self._settled() or time.monotonic() > self._close_deadline):
                 raise _StopWaitingError
 
     def _settled(self) -> bool:
-        return not self._pending and not self._held and not self._backlog.has_pending()
+        return not (self._pending or self._held or self._returned or self._outbox.has_pending())
 
-    def _take(self, timeout: float) -> list[Event]:
-        try:
-            events = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while len(events) < CHUNK:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return events
-
-    def _send_async(self, records: list[Record]) -> None:
-        """Hand records to the producer; acknowledgements and failures arrive in callbacks."""
+    def _send_in_hand(self) -> None:
+        """Hand the held records to the producer, oldest first; acknowledgements and failures arrive in callbacks."""
         from kafka.errors import KafkaError
 
         assert self._producer is not None
-        for index, record in enumerate(records):
+        with self._lock:
+            returned, self._returned = self._returned, []
+        self._held.extendleft(reversed(returned))
+        while self._held:
+            record = self._held[0]
             try:
                 future = self._producer.send(record.topic, value=record.payload, key=record.key)
             except KafkaError:
-                # Metadata or buffer unavailable: the rest would wait max_block_ms each for nothing.
+                # Metadata or buffer unavailable: the rest would wait max_block_ms each for nothing; they go to disk.
                 self._outage()
-                self._spill(records[index:])
                 return
             number = next(self._sends)
             with self._lock:
                 self._pending[number] = record
+            self._held.popleft()
             future.add_callback(self._acknowledged, number)
             future.add_errback(self._failed, number)
+        self._thread.recovered()
 
     def _acknowledged(self, number: int, _: object) -> None:
         with self._lock:
             record = self._pending.pop(number, None)
-            if record is None:
-                return  # close() has spilled it already
-            self._sent += 1
-        self._metrics.events.labels(topic=record.topic, outcome="sent").inc()
+        if record is None:
+            return  # close() has spilled it already
+        self._room.release()
+        self._outbox.count_sent({record.topic: 1})
 
     def _failed(self, number: int, _: BaseException) -> None:
+        # Runs on the producer's thread, which must not wait on a disk: the publisher's thread stores the record.
         with self._lock:
-            record = self._pending.get(number)
-        if record is None:
-            return
+            record = self._pending.pop(number, None)
+            if record is None:
+                return
+            self._returned.append(record)
         self._outage()
-        self._spill([record])
-        with self._lock:
-            # Removed only now, so the thread does not start replaying before this record is on disk.
-            self._pending.pop(number, None)
 
     def _outage(self) -> None:
         if self._state is PublisherState.CONNECTED:
@@ -286,16 +340,13 @@ class EventPublisher:
                 self.settings.kafka_bootstrap,
                 self.directory,
             )
-            self._set_state(PublisherState.SPILLING)
+            self._state = PublisherState.SPILLING
 
     def _send(self, records: list[Record]) -> list[bool]:
         """Send and wait for the acknowledgements; one flag per record."""
         assert self._producer is not None
         ok = send_and_wait(self._producer, records, timeout=self.settings.kafka_timeout + 5)
-        sent = Counter(record.topic for record, flag in zip(records, ok, strict=True) if flag)
-        self._metrics.count("sent", sent)
-        with self._lock:
-            self._sent += sum(sent.values())
+        self._outbox.count_sent(Counter(record.topic for record, flag in zip(records, ok, strict=True) if flag))
         return ok
 
     def _replay_step(self) -> bool:
@@ -307,28 +358,20 @@ class EventPublisher:
                     self.settings.kafka_bootstrap,
                     self.directory,
                 )
-                self._set_state(PublisherState.SPILLING)
+                self._state = PublisherState.SPILLING
             return False
-        with self._lock:
-            if not self._backlog.has_pending():
-                self._backlog.drained()
-                if self._state is not PublisherState.CONNECTED:
-                    logger.info("Kafka at %s is reachable; publishing directly", self.settings.kafka_bootstrap)
-                self._set_state(PublisherState.CONNECTED)
-                self._update_spill_gauge()
-                return True
-            source = self._backlog.next_source()
-        assert source is not None
-        todo, end = self._backlog.read(source, CHUNK)
-        delivered = self._send([rec for _, rec in todo])
-        if not all(delivered):
-            self._backlog.delivered(source, [pos for (pos, _), ok in zip(todo, delivered, strict=True) if ok])
-            self._drop_producer()
+        if not self._outbox.replay_chunk(CHUNK, self._send, self._now_connected):
+            # The broker answers but does not take events: start over with a fresh client on the next attempt.
+            if self._producer is not None:
+                self._producer.close(timeout=0)
+                self._producer = None
             return False
-        with self._lock:
-            self._backlog.replayed(source, end)
-            self._update_spill_gauge()
         return True
+
+    def _now_connected(self) -> None:
+        if self._state is not PublisherState.CONNECTED:
+            logger.info("Kafka at %s is reachable; publishing directly", self.settings.kafka_bootstrap)
+        self._state = PublisherState.CONNECTED
 
     def _connect(self) -> bool:
         from kafka.errors import KafkaError
@@ -343,56 +386,13 @@ class EventPublisher:
                 return False
         return True
 
-    def _drop_producer(self) -> None:
-        # The broker answers but does not take events: start over with a fresh client on the next attempt.
-        if self._producer is not None:
-            self._producer.close(timeout=0)
-            self._producer = None
-
-    # Spill files
-
     def _spill(self, records: list[Record]) -> None:
-        if not records:
-            return
-        with self._lock:
-            spilled, dropped = self._backlog.append(records)
-            if self._state is PublisherState.CONNECTED:
-                self._state = PublisherState.SPILLING
-            self._spilled += sum(spilled.values())
-            self._update_spill_gauge()
-        self._metrics.count("spilled", spilled)
-        if dropped:
-            self._count_drops(dropped)
-
-    def _count_drops(self, dropped: dict[str, int]) -> None:
-        self._metrics.count("dropped", dropped)
-        with self._lock:
-            self._dropped += sum(dropped.values())
-            self._drops_since_log += sum(dropped.values())
-            now = time.monotonic()
-            if now - self._last_drop_log < DROP_LOG_SECONDS:
-                return
-            drops, self._drops_since_log, self._last_drop_log = self._drops_since_log, 0, now
-        logger.error(
-            "dropped %d events: the spill file reached its cap of %d bytes (FLYWHEEL_SPILL_MAX_BYTES) while "
-            "Kafka at %s is unreachable",
-            drops,
-            self.settings.spill_max_bytes,
-            self.settings.kafka_bootstrap,
-        )
+        """Put ``records`` on disk (raising ``OSError`` if it refuses); new events then go there until replayed."""
+        self._outbox.spill(records, self._leave_connected)
 
     def _adopt_orphans(self) -> None:
-        found = self._backlog.find_orphans()
-        if not found:
-            return
-        with self._lock:
-            self._backlog.orphans.extend(found)
-            if self._state is PublisherState.CONNECTED:
-                self._state = PublisherState.SPILLING
-            self._update_spill_gauge()
+        self._outbox.adopt_orphans(self._leave_connected)
 
-    def _update_spill_gauge(self) -> None:
-        self._metrics.spill_bytes.set(self._backlog.pending)
-
-    def _set_state(self, state: PublisherState) -> None:
-        self._state = state
+    def _leave_connected(self) -> None:
+        if self._state is PublisherState.CONNECTED:
+            self._state = PublisherState.SPILLING

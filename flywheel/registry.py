@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 from flywheel.errors import RegistryError
 from flywheel.settings import Settings
-from flywheel.storage import atomic_write_text
+from flywheel.storage import atomic_write_text, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,27 @@ MODEL_NAME = "flywheel-classifier"
 MODEL_SUBDIR = "model"
 CARD_FILE = "card.json"
 TRAINING_DATA_FILE = "training_data.parquet"
+
+
+class _Whatever(Enum):
+    ANY = "any"
+
+
+#: ``expected`` for a promotion or rollback that applies whatever the champion is now (an operator's command).
+ANY_CHAMPION = _Whatever.ANY
+
+
+class ChampionChangedError(RegistryError):
+    """A compare-and-swap of the champion pointer found another champion than the caller expected."""
+
+    def __init__(self, expected: str | None, actual: str | None, version: str) -> None:
+        super().__init__(
+            f"the champion is {actual or 'none'}, not {expected or 'none'} as expected: it was promoted or rolled "
+            f"back meanwhile, so {version} was not made champion; check `flywheel models list`, then "
+            f"`flywheel models promote {version}` if it should serve anyway"
+        )
+        self.expected = expected
+        self.actual = actual
 
 
 class ModelCard(BaseModel):
@@ -51,6 +73,8 @@ class ModelCard(BaseModel):
     steps_run: int = 0
     #: Validation macro-F1 of the linear-probe head before fine-tuning, when the head started as one.
     probe_macro_f1: float | None = None
+    #: Share of the fine-tuned weights kept, the rest being the starting model's (1.0: no blend).
+    weight_interpolation: float = 1.0
     stopped_because: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -93,6 +117,21 @@ class ChampionPointer(BaseModel):
     def champion(self) -> str | None:
         """The serving version, if any."""
         return self.stack[-1] if self.stack else None
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """The champion, then the earlier champions a rollback would restore, newest first: what may serve when
+        the ones before it cannot load (a challenger that was never champion never may)."""
+        ordered: list[str] = []
+        for version in reversed(self.stack):
+            if version not in ordered:
+                ordered.append(version)
+        return ordered
+
+    @property
+    def promoted(self) -> set[str]:
+        """Every version this pointer ever made champion, rolled back since or not."""
+        return {change.version for change in self.history if change.action == "promote"}
 
 
 class ModelRegistry:
@@ -161,11 +200,14 @@ class ModelRegistry:
                 )
         return sorted(versions, key=lambda v: v.card.created_at)
 
+    def _store_path(self) -> Path:
+        return self.bentoml_home / "models"
+
     def _store(self) -> ModelStore:
         # An explicit store, not BentoML's process-wide singleton, so one process can use several homes.
         from bentoml._internal.models import ModelStore
 
-        path = self.bentoml_home / "models"
+        path = self._store_path()
         path.mkdir(parents=True, exist_ok=True)
         return ModelStore(path)
 
@@ -186,10 +228,28 @@ class ModelRegistry:
             raise RegistryError("no champion model yet: run `flywheel train --data PATH` first")
         return self.get(version)
 
-    def promote(self, version: str, reason: str = "manual") -> PointerChange:
-        """Make ``version`` the champion (atomic pointer swap)."""
-        self.get(version)
-        with self._locked() as pointer:
+    def promote(
+        self,
+        version: str,
+        reason: str = "manual",
+        *,
+        expected: str | Literal[_Whatever.ANY] | None = ANY_CHAMPION,
+        guard: Callable[[], None] | None = None,
+    ) -> PointerChange:
+        """Make ``version`` the champion: a compare-and-swap of the pointer when ``expected`` names the champion the
+        caller saw (None: no champion yet), ChampionChangedError and no change when the pointer names another.
+
+        The model's files and directories are flushed to disk first, so the pointer never names a model a power
+        loss could take back. ``guard`` runs under the pointer's lock right before the write; it refuses the
+        promotion by raising (the retrain worker checks there that it still holds its lease).
+        """
+        entry = self.get(version)
+        fsync_tree(entry.path, up_to=self._store_path())
+        with self.locked() as pointer:
+            if expected is not ANY_CHAMPION and pointer.champion != expected:
+                raise ChampionChangedError(expected, pointer.champion, version)
+            if guard is not None:
+                guard()
             change = PointerChange(action="promote", version=version, previous=pointer.champion, reason=reason)
             if pointer.champion != version:
                 pointer.stack.append(version)
@@ -200,7 +260,7 @@ class ModelRegistry:
 
     def rollback(self, reason: str = "manual rollback") -> PointerChange:
         """Restore the champion before the current one."""
-        with self._locked() as pointer:
+        with self.locked() as pointer:
             if len(pointer.stack) < 2:
                 raise RegistryError("nothing to roll back to: the current champion is the first one promoted")
             current = pointer.stack.pop()
@@ -211,7 +271,11 @@ class ModelRegistry:
         return change
 
     @contextmanager
-    def _locked(self) -> Iterator[ChampionPointer]:
+    def locked(self) -> Iterator[ChampionPointer]:
+        """Hold the pointer's lock (yielding the pointer as stored): no promotion or rollback happens meanwhile.
+
+        Do not promote or roll back inside the block: the lock is not re-entrant.
+        """
         # Two processes promoting at once must not both read the old pointer and lose one change.
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "w") as lock:

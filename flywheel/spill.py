@@ -1,11 +1,14 @@
 """The publisher's backlog on disk: append-only spill files with durable replay offsets, adopted from dead processes.
 
 A spill file stays exclusively locked (``flock``) by its owner while the owner lives, so one that nobody holds
-belongs to a process that died: any other publisher may adopt it and replay it.
+belongs to a process that died: any other publisher may adopt it and replay it. The owner's appends are
+group-committed (``flywheel.groupcommit``): each is on stable storage within ``spill_fsync_ms``. An append the disk
+refuses (full, quota) leaves the file as it was, so the caller can keep its events and try again later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.events import Event, Topic, encode, new_id
+from flywheel.groupcommit import GroupCommit
 from flywheel.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,22 +47,36 @@ class Record:
 class SpillFile:
     """An append-only file of events plus how far it has been replayed; an exclusive lock marks its owner alive."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, fsync_interval: float | None = None, owner: str = "") -> None:
         self.path = path
         self._fd = fd
         self.size = os.fstat(fd).st_size
         self.offset = self._read_offset()
+        #: Syncs the appends of a file this process writes (its thread is named after ``owner``); adopted files are
+        #: only read.
+        self.commit = GroupCommit(fd, owner, fsync_interval) if fsync_interval is not None else None
 
     @classmethod
-    def create(cls, directory: Path, prefix: str) -> SpillFile:
-        """A new locked spill file; it only gets its final name once locked, so nobody adopts it by mistake."""
+    def create(cls, directory: Path, prefix: str, fsync_interval: float | None = None) -> SpillFile:
+        """A new locked spill file; it only gets its final name once locked, so nobody adopts it by mistake.
+
+        With ``fsync_interval`` (seconds) its appends are group-committed, and its name is on stable storage too.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{prefix}-{new_id()}.spill"
         tmp = directory / f".{name}.new"
         fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(tmp, directory / name)
-        return cls(directory / name, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(tmp, directory / name)
+            if fsync_interval is not None:
+                # Without the directory entry on disk, synced appends would be lost with the file's name.
+                _fsync_directory(directory)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return cls(directory / name, fd, fsync_interval, owner=prefix)
 
     @classmethod
     def adopt(cls, path: Path) -> SpillFile | None:
@@ -94,11 +112,19 @@ class SpillFile:
         return self.size - self.offset
 
     def append(self, data: bytes) -> None:
-        """Append whole lines."""
+        """Append whole lines, all or none: on an error (``ENOSPC``, ...) the file is cut back and the error raised."""
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if self.commit is not None:
+                self.commit.appended()
+        except OSError:
+            # A half-written line would swallow the next append's first line on replay. Shrinking needs no space.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.size)
+            raise
         self.size += len(data)
 
     def read(self, max_records: int) -> tuple[list[tuple[int, Record]], int, int]:
@@ -145,33 +171,46 @@ class SpillFile:
         self.close()
 
     def close(self) -> None:
-        """Release the lock, leaving the file for another process to adopt."""
-        if self._fd >= 0:
+        """Sync and release the file, leaving it for another process to adopt."""
+        if self._fd < 0:
+            return
+        if self.commit is not None:
+            self.commit.close()
+        try:
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        except OSError as exc:
+            logger.warning("cannot fsync %s before closing it (%s); its last appends may be lost on power loss",
+                           self.path, exc)
+        os.close(self._fd)
+        self._fd = -1
 
 
 class Backlog:
     """A publisher's own spill file (created on first use) and the adopted files of dead processes, replayed first.
 
+    The own file's appends are fsynced within ``fsync_interval`` seconds (0: before each append returns).
+
     Not thread-safe: the publisher holds its lock around every call but ``find_orphans()``, ``read()`` and
     ``delivered()``, which only its own thread makes.
     """
 
-    def __init__(self, directory: Path, prefix: str, max_bytes: int) -> None:
+    def __init__(self, directory: Path, prefix: str, max_bytes: int, fsync_interval: float) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_bytes = max_bytes
+        self.fsync_interval = fsync_interval
         self.own: SpillFile | None = None
         self.orphans: list[SpillFile] = []
         #: Lines of the chunk being replayed that Kafka took, by file and offset, so a retry skips them.
         self._delivered: set[tuple[Path, int]] = set()
 
     def append(self, records: list[Record]) -> tuple[dict[str, int], dict[str, int]]:
-        """Append to the own file what fits under ``max_bytes``; (spilled, dropped) record counts by topic."""
+        """Append to the own file what fits under ``max_bytes``; (spilled, dropped) record counts by topic.
+
+        Raises ``OSError`` when the disk refuses the append; nothing of ``records`` is then on disk.
+        """
         if self.own is None:
-            self.own = SpillFile.create(self.directory, self.prefix)
+            self.own = SpillFile.create(self.directory, self.prefix, self.fsync_interval)
         lines: list[bytes] = []
         size = self.own.size
         spilled: dict[str, int] = {}
@@ -210,6 +249,11 @@ class Backlog:
         """Bytes not yet replayed, over every file."""
         return sum(spill.pending for spill in self.orphans) + (self.own.pending if self.own else 0)
 
+    def sync_fault(self) -> str | None:
+        """Why appends to the own file are not reaching stable storage right now, or None when they are."""
+        own = self.own
+        return own.commit.health_detail() if own is not None and own.commit is not None else None
+
     def has_pending(self) -> bool:
         """Whether anything waits for replay."""
         return bool(self.orphans) or (self.own is not None and self.own.pending > 0)
@@ -231,7 +275,11 @@ class Backlog:
 
     def replayed(self, source: SpillFile, offset: int) -> None:
         """Mark ``source`` delivered up to ``offset``; an adopted file is deleted once fully replayed."""
-        source.advance(offset)
+        try:
+            source.advance(offset)
+        except OSError as exc:
+            # Replay goes on from the offset in memory; only a crash before the next write replays (duplicates) them.
+            logger.warning("cannot record the replay offset of %s (%s); continuing", source.path.name, exc)
         self._delivered.clear()
         if source is not self.own and source.pending == 0:
             logger.info("replayed spill file %s of a previous process", source.path.name)
@@ -252,3 +300,11 @@ class Backlog:
                 spill.close()
         self.orphans.clear()
         self.own = None
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from flywheel.errors import DatasetError
+from flywheel.holdout import stratified_split
 from flywheel.labels import TrainingLabel
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
 from flywheel.text import dedupe_key, normalize_text
+from retrain.pipeline import validation_data
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ class RetrainData:
     feedback_rows: int
     #: Feedback rows left out by the per-principal cap, by untrusted source; they stay accepted for later runs.
     capped: dict[str, int] = field(default_factory=dict)
+    #: Rows to choose the challenger's checkpoint on, by ``group`` ("original": the champion's own validation rows,
+    #: "feedback": a share of the training feedback); None when the champion kept no validation rows.
+    validation: pd.DataFrame | None = None
 
     @property
     def capped_rows(self) -> int:
@@ -110,17 +116,13 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
     # A correction overrides what the original data says about the same text; eval texts stay unseen; a row the cap
     # left out changes nothing.
     original = original[~original["text"].map(dedupe_key).isin(eval_keys | set(feedback_train["_key"]))]
-    train = pd.concat(
-        [
-            original.assign(weight=1.0, feedback_id=None),
-            feedback_train[["text", "label", "feedback_id"]].assign(
-                weight=np.where(
-                    feedback_train["trusted"], settings.retrain_feedback_weight, settings.retrain_untrusted_weight
-                )
-            ),
-        ],
-        ignore_index=True,
+    feedback_rows = feedback_train[["text", "label", "feedback_id"]].assign(
+        weight=np.where(feedback_train["trusted"], settings.retrain_feedback_weight, settings.retrain_untrusted_weight)
     )
+    validation = _validation(champion, feedback_rows, eval_keys, settings, seed)
+    if validation is not None:
+        feedback_rows = feedback_rows[~feedback_rows["feedback_id"].isin(validation["feedback_id"])]
+    train = pd.concat([original.assign(weight=1.0, feedback_id=None), feedback_rows], ignore_index=True)
     logger.info(
         "retrain data: %d original rows replayed, %d feedback rows to train on (%d left out by the per-principal "
         "cap), %d trusted rows held out",
@@ -130,6 +132,7 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
         len(feedback_eval),
     )
     return RetrainData(
+        validation=validation,
         train=train,
         feedback_eval=feedback_eval,
         feedback_train_ids=feedback_train["feedback_id"].tolist(),
@@ -137,3 +140,29 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
         feedback_rows=len(feedback),
         capped=capped,
     )
+
+
+def _validation(
+    champion: ModelVersion, feedback: pd.DataFrame, eval_keys: set[str], settings: Settings, seed: int
+) -> pd.DataFrame | None:
+    """The champion's validation rows plus a stratified share of the training feedback, each as its own group.
+
+    Checkpoints judged on replayed rows would favour the champion, which knows them by heart: the first step always
+    looks best and the challenger learns nothing. The champion's validation rows it never trained on, so they show
+    what a challenger forgets; the feedback share shows what it learned.
+    """
+    previous = validation_data(champion)
+    if previous is None:
+        return None
+    taken = eval_keys | set(feedback["text"].map(dedupe_key))
+    previous = previous[~previous["text"].map(dedupe_key).isin(taken)].assign(group="original", feedback_id=None)
+    held = feedback.iloc[:0]
+    if not feedback.empty:
+        try:
+            _, held = stratified_split(feedback, settings.validation_fraction, seed, "validation")
+        except DatasetError:
+            # Too few feedback rows to spare any: all of them train, and checkpoints are judged on the original rows.
+            held = feedback.iloc[:0]
+    return pd.concat([previous, held.assign(group="feedback")], ignore_index=True)[
+        ["text", "label", "group", "feedback_id"]
+    ]

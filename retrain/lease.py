@@ -11,15 +11,20 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import or_, update
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from flywheel.database import Database
+from flywheel.errors import FlywheelError
 from flywheel.events import new_id, utcnow
 from flywheel.models.retrain import RetrainLease
 
 logger = logging.getLogger(__name__)
 
 LEASE_NAME = "retrain"
+
+
+class LeaseLostError(FlywheelError):
+    """This worker no longer holds the retrain lease, so another may be retraining: it must not promote."""
 
 
 def worker_identity() -> str:
@@ -64,6 +69,28 @@ class RetrainLock:
                 .execution_options(synchronize_session=False)
             )
             return bool(getattr(result, "rowcount", 0))
+
+    def confirm(self, session: Session) -> None:
+        """Extend the lease inside the caller's transaction, or LeaseLostError when another worker holds it now.
+
+        The database orders this UPDATE against any other worker's acquire: once it returns, no one else can take
+        the lease for ``lease_seconds``, so a step done right after it (a promotion) is done by the only holder.
+        """
+        result = session.execute(
+            update(RetrainLease)
+            .where(col(RetrainLease.name) == LEASE_NAME, col(RetrainLease.holder) == self.holder)
+            .values(expires_at=utcnow() + self.lease)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0):
+            return
+        row = session.get(RetrainLease, LEASE_NAME)
+        now_held = row.holder if row is not None and row.holder else "nobody"
+        raise LeaseLostError(
+            f"worker {self.holder} lost the retrain lease (held by {now_held} now): it was not renewed within "
+            f"{self.lease.total_seconds():g} s (FLYWHEEL_RETRAIN_LEASE_SECONDS), e.g. during a database stall, so "
+            "another worker may be retraining; this run's challenger was not promoted"
+        )
 
     def release(self) -> None:
         """Give the lease back."""

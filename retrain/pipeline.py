@@ -19,6 +19,16 @@ from retrain.trainer import Trainer, TrainingResult
 
 logger = logging.getLogger(__name__)
 
+#: The rows a version's checkpoint was chosen on, kept beside its training data: a retrain measures what the
+#: challenger forgets on them, rows the champion never trained on (its own training rows it knows by heart).
+VALIDATION_DATA_FILE = "validation_data.parquet"
+
+
+def validation_data(version: ModelVersion) -> pd.DataFrame | None:
+    """The validation rows ``version`` was trained with; None for versions saved before they were kept."""
+    path = version.path / VALIDATION_DATA_FILE
+    return pd.read_parquet(path) if path.exists() else None
+
 
 @dataclass
 class TrainingOutcome:
@@ -67,18 +77,32 @@ class TrainingPipeline:
         sample_weight_column: str | None = None,
         probe: bool | None = None,
         group_column: str | None = None,
+        validation: pd.DataFrame | None = None,
     ) -> TrainingOutcome:
         """Train a new version from ``raw``; warm-start from a registry version when given.
 
         ``probe`` refits a warm start's head by linear probing (None: only a new head is probed); checkpoints are
-        judged by the mean macro-F1 of the validation rows' ``group_column`` groups when it is given.
+        judged by the mean macro-F1 of the validation rows' ``group_column`` groups when it is given. ``validation``
+        fixes the validation rows (cleaned rows, never trained on); without it a stratified share of ``raw`` is split
+        off.
         """
         data, report, holdout, info = self.prepare(raw)
         labels = info.labels
         missing = sorted(set(labels) - set(data["label"]))
         if missing:
             raise DatasetError(f"training data has no rows for labels {missing} that the golden holdout has")
-        train, validation = stratified_split(data, self.settings.validation_fraction, self.settings.seed, "validation")
+        if validation is None:
+            train, validation = stratified_split(
+                data, self.settings.validation_fraction, self.settings.seed, "validation"
+            )
+        else:
+            # Neither the holdout nor the training rows may be validated on, or the checkpoint choice learns them.
+            validation = validation[~validation["text"].map(dedupe_key).isin(set(holdout["text"].map(dedupe_key)))]
+            validation = validation[validation["label"].isin(labels)].reset_index(drop=True)
+            keys = set(validation["text"].map(dedupe_key))
+            train = data[~data["text"].map(dedupe_key).isin(keys)].reset_index(drop=True)
+            if validation.empty:
+                raise DatasetError("no validation rows are left once the golden holdout's texts are removed")
         if warm_start:
             init_from = self.registry.get(warm_start).model_dir.as_posix()
         else:
@@ -107,12 +131,14 @@ class TrainingPipeline:
             epochs_run=result.epochs_run,
             steps_run=result.steps_run,
             probe_macro_f1=result.probe_macro_f1,
+            weight_interpolation=result.weight_interpolation,
             stopped_because=result.stopped_because,
         )
 
         def write(path: Path) -> None:
             result.save(path / "model")
             train[["text", "label"]].to_parquet(path / TRAINING_DATA_FILE, index=False)
+            validation[["text", "label"]].to_parquet(path / VALIDATION_DATA_FILE, index=False)
             (path / "metrics.json").write_text(holdout_metrics.model_dump_json(indent=2))
             (path / "quality_report.json").write_text(report.model_dump_json(indent=2))
 

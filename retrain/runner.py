@@ -12,10 +12,8 @@ from typing import Any
 import numpy as np
 from sqlmodel import col, select
 
-from flywheel.access import AuditLog
 from flywheel.classifier import Classifier
 from flywheel.database import Database
-from flywheel.errors import FlywheelError
 from flywheel.events import utcnow
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
@@ -27,16 +25,12 @@ from retrain.evaluation import Metrics, bootstrap_macro_f1, predictions, score
 from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, summary
 from retrain.lease import RetrainLock
 from retrain.pipeline import TrainingPipeline
+from retrain.promotion import Promoter, RunNotFoundError, starting_point
 from retrain.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = (RunStatus.RUNNING, RunStatus.PROMOTING)
 FINAL = (RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.SKIPPED, RunStatus.FAILED)
-
-
-class RunNotFoundError(FlywheelError):
-    """No retrain run has that id."""
 
 
 @dataclass
@@ -71,6 +65,7 @@ class RetrainRunner:
         self.stop = stop or threading.Event()
         self.progress = progress
         self.lock = RetrainLock(database, settings.retrain_lease_seconds)
+        self.promoter = Promoter(database, registry, self.lock)
 
     # History
 
@@ -142,21 +137,9 @@ class RetrainRunner:
         return self.get(run.run_id)
 
     def recover(self) -> int:
-        """Close runs left active by a worker that died; call only while holding the lock."""
-        champion = self.registry.champion()
-        fixed = 0
-        with self.database.session() as session:
-            for row in session.exec(select(RetrainRun).where(col(RetrainRun.status).in_(ACTIVE))):
-                if row.status == RunStatus.PROMOTING and row.challenger_version == champion:
-                    row.status, row.reason = RunStatus.PROMOTED, "promoted; the worker stopped before recording it"
-                else:
-                    row.status = RunStatus.FAILED
-                    row.reason = f"worker {row.worker} stopped during the run; the champion was not changed"
-                row.finished_at = utcnow()
-                fixed += 1
-        if fixed:
-            logger.warning("marked %d interrupted retrain runs as finished", fixed)
-        return fixed
+        """Close runs left active by a worker that died, keeping labels and the champion pointer consistent (see
+        ``retrain.promotion``); call only while holding the lock."""
+        return self.promoter.recover()
 
     def _start(self, trigger: RunTrigger, run_id: str | None) -> RetrainRunPublic:
         now = utcnow()
@@ -190,7 +173,8 @@ class RetrainRunner:
 
     def _execute(self, run_id: str) -> None:
         started = time.monotonic()
-        champion = self.registry.champion_version()
+        start = starting_point(self.registry)
+        champion = start.baseline
         labels = self.labels.training_rows()
         data = assemble(champion, labels, self.settings, self.settings.seed)
         self._update(
@@ -243,18 +227,20 @@ class RetrainRunner:
         self._update(
             run_id, challenger_version=best.version.version, challenger_metrics=best.metrics, gate_evidence=evidence
         )
-        note = f" [candidate {best.name} of {len(tried)}]" + self._cap_note(data)
+        note = f" [candidate {best.name} of {len(tried)}]" + self._cap_note(data) + start.note
         if not decision.promote:
             self._finish(run_id, RunStatus.REJECTED, decision.reason + note, started)
             return
-        # PROMOTING first: if we die between the pointer swap and the next write, recovery can tell what happened.
-        self._update(run_id, status=RunStatus.PROMOTING)
-        self.registry.promote(best.version.version, reason=f"retrain run {run_id}")
-        AuditLog(self.database).record(
-            "retrain-worker", "model.promote", best.version.version, previous=champion.version, run=run_id
+        # A compare-and-swap from the champion the run started from, fenced by the lease; the labels are marked used
+        # in the same transaction that records the promotion (``retrain.promotion`` lists the crash windows).
+        self.promoter.promote(
+            run_id,
+            challenger=best.version.version,
+            expected=start.expected,
+            feedback_ids=data.feedback_train_ids,
+            reason=(decision.reason + note)[:1000],
+            started=started,
         )
-        self.labels.mark_used(data.feedback_train_ids, best.version.version)
-        self._finish(run_id, RunStatus.PROMOTED, decision.reason + note, started)
 
     def _train_candidates(
         self,
@@ -290,6 +276,7 @@ class RetrainRunner:
                 **candidate.describe(self.settings),
                 "seconds": round(seconds, 1),
                 "steps": version.card.steps_run,
+                "weight_interpolation": version.card.weight_interpolation,
                 "holdout_macro_f1": scored.scores.holdout_macro_f1,
                 "holdout_class_f1": scored.scores.holdout_class_f1,
                 "feedback_macro_f1": scored.scores.feedback_macro_f1,
@@ -336,6 +323,7 @@ class RetrainRunner:
             sample_weight_column="weight",
             probe=candidate.start == Start.PROBE,
             group_column="group",
+            validation=data.validation,
         )
         return outcome.version
 

@@ -87,6 +87,8 @@ class TrainingResult:
     samples_per_second: float
     #: Validation macro-F1 of the linear probe alone, before any fine-tuning step (None without a probe).
     probe_macro_f1: float | None = None
+    #: Share of the fine-tuned weights in the kept model, the rest being the starting weights (1.0: no blend).
+    weight_interpolation: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
 
     def classifier(self, max_length: int) -> Classifier:
@@ -115,7 +117,7 @@ class Trainer:
         self.progress = progress
         self.stop = stop or threading.Event()
 
-    def hyperparameters(self) -> dict[str, float | int | bool]:
+    def hyperparameters(self) -> dict[str, float | int | bool | list[float]]:
         """The knobs recorded on every model card."""
         s = self.settings
         return {
@@ -130,6 +132,7 @@ class Trainer:
             "probe_c": s.probe_c,
             "evaluations": s.evaluations,
             "patience": s.patience,
+            "weight_interpolation": list(s.weight_interpolation),
             "max_length": s.max_length,
             "seed": s.seed,
             "max_train_minutes": s.max_train_minutes,
@@ -202,9 +205,8 @@ class Trainer:
             else [(validation_groups == group).to_numpy() for group in sorted(validation_groups.unique())]
         )
 
-        def check(loss: float) -> bool:
-            """Validate; keep the checkpoint if it is the best so far; True when patience ran out."""
-            nonlocal best, checks_without_gain
+        def validate() -> tuple[float, Metrics]:
+            """The model's validation score (the groups' mean macro-F1 when grouped) and its metrics."""
             classifier = Classifier(model, tokenizer, s.max_length, device=self.device, half=False)
             predicted = predictions(classifier, validation["text"].tolist())
             metrics = score(truth.tolist(), predicted, labels)
@@ -214,6 +216,12 @@ class Trainer:
                     score(truth[rows].tolist(), [predicted[i] for i in np.flatnonzero(rows)], labels).macro_f1
                     for rows in group_masks
                 ]))
+            return value, metrics
+
+        def check(loss: float) -> bool:
+            """Validate; keep the checkpoint if it is the best so far; True when patience ran out."""
+            nonlocal best, checks_without_gain
+            value, metrics = validate()
             history.append({"step": step, "epoch": epoch, "loss": loss, "val_macro_f1": value})
             logger.info("step %d (epoch %d): loss %.4f, validation macro-F1 %.4f", step, epoch, loss, value)
             if best is None or value > best[0]:
@@ -225,6 +233,8 @@ class Trainer:
             return checks_without_gain > s.patience
 
         check(float("nan"))
+        assert best is not None  # the check before the first step always records one
+        initial = best[1]
         probe_f1 = history[0]["val_macro_f1"] if probed else None
         bar = tqdm(total=plan.total_steps, desc="training", unit="step", disable=not self.progress)
         running_loss, window = 0.0, 0
@@ -275,8 +285,20 @@ class Trainer:
         finally:
             bar.close()
 
-        assert best is not None  # the check before the first step always records one
         model.load_state_dict(best[1])
+        blend = 1.0
+        if not fresh_head and s.weight_interpolation and best[1] is not initial:
+            # WiSE-FT: a blend of the starting and the fine-tuned weights often keeps what the start knew while
+            # keeping most of what fine-tuning learned; a blend must validate strictly better to replace the latter.
+            tuned = best[1]
+            for alpha in sorted(s.weight_interpolation):
+                model.load_state_dict(_interpolate(initial, tuned, alpha))
+                value, metrics = validate()
+                history.append({"step": step, "epoch": epoch, "alpha": alpha, "val_macro_f1": value})
+                logger.info("weights blended at %.2f of the fine-tuned: validation macro-F1 %.4f", alpha, value)
+                if value > best[0]:
+                    best, blend = (value, _interpolate(initial, tuned, alpha), metrics), alpha
+            model.load_state_dict(best[1])
         seconds = time.monotonic() - started
         return TrainingResult(
             model=model,
@@ -288,6 +310,7 @@ class Trainer:
             seconds=round(seconds, 2),
             samples_per_second=round(seen / max(seconds, 1e-9), 2),
             probe_macro_f1=probe_f1,
+            weight_interpolation=blend,
             history=history,
         )
 
@@ -326,6 +349,16 @@ class Trainer:
             model.head.weight.copy_(torch.from_numpy(weight))
             model.head.bias.copy_(torch.from_numpy(bias))
         logger.info("linear probe fitted on %d frozen embeddings", len(encoded))
+
+
+def _interpolate(
+    start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """``alpha`` of the tuned weights plus ``1 - alpha`` of the starting ones; integer buffers are the tuned ones."""
+    return {
+        name: torch.lerp(start[name], value, alpha) if value.is_floating_point() else value
+        for name, value in tuned.items()
+    }
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:

@@ -35,9 +35,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from feedback.api import create_router as feedback_routes
 from flywheel.access import Principals
+from flywheel.admission import DeadlineExceededError, OverloadedError
 from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, DatabaseError
 from flywheel.errors import BadRequestError, describe_validation_errors
+from flywheel.http import ClientDisconnectedError
 from flywheel.publisher import EventPublisher
 from flywheel.sessions import SessionSigner, load_secret
 from flywheel.settings import Settings
@@ -51,6 +53,9 @@ from service.readiness import Readiness
 from service.serving import ModelServer
 
 logger = logging.getLogger(__name__)
+
+#: Status logged for a request whose client disconnected first (nginx's "client closed request"); nobody reads it.
+CLIENT_CLOSED = 499
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -90,6 +95,20 @@ def create_app(
     @app.exception_handler(NoModelError)
     async def _no_model(_: Request, exc: NoModelError) -> JSONResponse:
         return _error(503, str(exc))
+
+    @app.exception_handler(OverloadedError)
+    async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
+        response = _error(503, exc.message)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.exception_handler(DeadlineExceededError)
+    async def _expired(_: Request, exc: DeadlineExceededError) -> JSONResponse:
+        return _error(504, str(exc))
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(_: Request, exc: ClientDisconnectedError) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(InferenceError)
     async def _inference_failed(_: Request, exc: InferenceError) -> JSONResponse:

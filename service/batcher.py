@@ -11,12 +11,17 @@ Each text is cut to ``CHARS_PER_TOKEN`` characters per token the model reads bef
 pass fails, each request of the batch is run again on its own, so a text that breaks the model fails only its own
 request: with 422 when the model classifies other texts (another request of the batch, or the text it classified
 before it served), else with 500 (the model broke since it was loaded).
+
+Work nobody awaits is dropped before it joins a batch: a job whose request was cancelled (its client
+disconnected, or the server's request timeout fired) is skipped, and one whose deadline passed while it waited is
+answered :class:`DeadlineExceededError` (504) without being computed. Each drop is reported to ``on_drop``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flywheel.admission import DeadlineExceededError
 from flywheel.errors import BadRequestError, FlywheelError
 from service.champion import PROBE_TEXT, ServedModel
 
@@ -58,16 +64,26 @@ class BatchResult:
 
 
 class _Job:
-    __slots__ = ("future", "loop", "texts")
+    __slots__ = ("deadline", "future", "loop", "texts")
 
-    def __init__(self, texts: list[str], future: asyncio.Future[BatchResult], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        texts: list[str],
+        future: asyncio.Future[BatchResult],
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+    ) -> None:
         self.texts = texts
         self.future = future
         self.loop = loop
+        self.deadline = deadline
 
 
 #: Called after each batch with (texts, requests, seconds of inference).
 BatchObserver = Callable[[int, int, float], None]
+#: Called for each job dropped before compute, with why: "cancelled" (the client disconnected, or the request
+#: timed out) or "expired".
+DropObserver = Callable[[str], None]
 
 
 class MicroBatcher:
@@ -79,13 +95,16 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         forward_batch_size: int,
+        *,
         observer: BatchObserver | None = None,
+        on_drop: DropObserver | None = None,
     ) -> None:
         self.current_model = current_model
         self.max_batch_size = max_batch_size
         self.forward_batch_size = forward_batch_size
         self.max_wait = max_wait_ms / 1000
         self.observer = observer
+        self.on_drop = on_drop
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._carry: _Job | None = None
         self._lock = threading.Lock()
@@ -93,14 +112,15 @@ class MicroBatcher:
         self._peak = 0
         self._thread: threading.Thread | None = None
 
-    async def submit(self, texts: list[str]) -> BatchResult:
-        """Classify ``texts`` in the next batch that has room for all of them."""
+    async def submit(self, texts: list[str], deadline: float = math.inf) -> BatchResult:
+        """Classify ``texts`` in the next batch that has room for all of them, unless ``deadline`` (a
+        ``time.monotonic()`` instant) passes first; cancelling the caller drops the job before compute."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
         with self._lock:
             self._outstanding += 1
             self._peak = max(self._peak, self._outstanding)
-        self._queue.put(_Job(texts, future, loop))
+        self._queue.put(_Job(texts, future, loop, deadline))
         return await future
 
     def start(self) -> MicroBatcher:
@@ -122,6 +142,8 @@ class MicroBatcher:
     def _gather(self) -> list[_Job] | None:
         first = self._carry or self._queue.get()
         self._carry = None
+        while first is not None and not self._wanted(first):
+            first = self._queue.get()
         if first is None:
             return None
         with self._lock:
@@ -143,12 +165,30 @@ class MicroBatcher:
             if job is None:
                 self._queue.put(None)
                 break
+            if not self._wanted(job):
+                continue
             if size + len(job.texts) > self.max_batch_size:
                 self._carry = job
                 break
             jobs.append(job)
             size += len(job.texts)
         return jobs
+
+    def _wanted(self, job: _Job) -> bool:
+        """Whether ``job`` is still awaited within its deadline; a job that is not is settled and reported."""
+        # Read from this thread without the loop: a cancelled future stays cancelled, so a stale read only delays
+        # the drop to a later check, and the result is then discarded by ``_resolve``.
+        if job.future.cancelled():
+            reason = "cancelled"
+        elif time.monotonic() > job.deadline:
+            reason = "expired"
+        else:
+            return True
+        expired = DeadlineExceededError("the request waited for inference past its deadline (FLYWHEEL_SERVE_TIMEOUT)")
+        self._settle([job], [expired])
+        if self.on_drop is not None:
+            self.on_drop(reason)
+        return False
 
     def _run(self) -> None:
         while (jobs := self._gather()) is not None:

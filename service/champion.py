@@ -10,18 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from flywheel.classifier import Classifier
-from flywheel.errors import FlywheelError
+from flywheel.metrics import champion_metrics
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from service.schemas import ModelInfo
+from service.schemas import ModelInfo, RefusedModel
 
 logger = logging.getLogger(__name__)
 
-#: Seconds before a version that failed to load is tried again.
+#: Seconds before a champion that failed to load is tried again, doubled after each further failure up to the most.
 RETRY_FAILED_SECONDS = 30.0
+RETRY_MAX_SECONDS = 600.0
 #: Classified by every model before it serves, and by the batcher to tell a broken model from a poison request.
 PROBE_TEXT = "warm up"
 
@@ -44,11 +43,14 @@ class ServedModel:
         """Label names in score order."""
         return self.classifier.labels
 
-    def info(self) -> ModelInfo:
-        """What /model reports."""
+    def info(self, champion: str | None = None, refused: RefusedModel | None = None) -> ModelInfo:
+        """What /model reports: this model, and the pointer's champion with the refusal when it is another."""
         card = self.entry.card
         return ModelInfo(
             version=self.version,
+            champion=champion or self.version,
+            fallback=refused is not None and refused.version == champion and champion != self.version,
+            refused=refused,
             labels=self.labels,
             holdout_metrics=card.holdout_metrics,
             loaded_at=self.loaded_at,
@@ -63,7 +65,12 @@ class ServedModel:
 
 
 class ChampionWatcher:
-    """Keeps the champion loaded; a background thread polls the pointer and swaps in a newly promoted model."""
+    """Keeps the champion loaded; a background thread polls the pointer and swaps in a newly promoted model.
+
+    A champion that fails to load (a truncated or corrupt file) is refused, never fatal: the worker keeps serving
+    what it serves, or, when it has nothing yet, the newest earlier champion that loads; it reports the refusal
+    (log, ``flywheel_champion_*`` metrics, ``GET /model``) and tries again with backoff and on every pointer change.
+    """
 
     def __init__(
         self,
@@ -74,9 +81,14 @@ class ChampionWatcher:
         self.settings = settings
         self.registry = registry
         self.on_swap = on_swap
+        self.metrics = champion_metrics()
         self._current: ServedModel | None = None
+        self._champion: str | None = None
+        self._refused: RefusedModel | None = None
         self._seen: tuple[int, int, int] | None = None
         self._retry_at = 0.0
+        self._paused_until = 0.0
+        self._faults = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -85,8 +97,40 @@ class ChampionWatcher:
         """The model new batches use; None until a champion exists and has loaded."""
         return self._current
 
+    def info(self) -> ModelInfo | None:
+        """What /model reports; None while nothing is served."""
+        current = self._current
+        return current.info(self._champion, self._refused) if current is not None else None
+
+    def unavailable(self) -> str:
+        """Why nothing is served, for the 503 of /model."""
+        refused = self._refused
+        if refused is None:
+            return "no champion model loaded yet: train and promote one first"
+        return (
+            f"no model can be served: champion {refused.version} fails to load ({refused.reason}) and no earlier "
+            "champion loads either; promote a loadable version (`flywheel models list`, `flywheel models promote "
+            "VERSION`)"
+        )
+
     def check(self) -> None:
-        """Load the champion if the pointer changed since the last check (or a failed load is due a retry)."""
+        """Load the champion if the pointer changed since the last check (or a failed load is due a retry).
+
+        Never raises: an unexpected error is logged and checks pause with backoff, so hot reload outlives it.
+        """
+        if time.monotonic() < self._paused_until:
+            return
+        try:
+            self._check()
+        except Exception:
+            self._faults += 1
+            pause = min(RETRY_MAX_SECONDS, self.settings.reload_interval * 2**self._faults)
+            logger.exception("hot reload check failed; checking again in %.0fs", pause)
+            self._paused_until = time.monotonic() + pause
+        else:
+            self._faults = 0
+
+    def _check(self) -> None:
         try:
             stat = self.registry.pointer_path.stat()
         except FileNotFoundError:
@@ -95,28 +139,78 @@ class ChampionWatcher:
         if key == self._seen and (self._retry_at == 0.0 or time.monotonic() < self._retry_at):
             return
         try:
-            version = self.registry.champion()
-        except (OSError, ValidationError) as exc:
+            pointer = self.registry.pointer()
+        except (OSError, ValueError) as exc:
             logger.warning("cannot read the champion pointer %s: %s", self.registry.pointer_path, exc)
             return
+        self._seen = key
+        version = self._champion = pointer.champion
         current = self._current
         if version is None or (current is not None and current.version == version):
-            self._seen, self._retry_at = key, 0.0
+            self._retry_at = 0.0
+            self._clear_refusal()
             return
         try:
             loaded = self._load(version)
-        except (FlywheelError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:
+            delay = self._refuse(version, exc)
             logger.error(
-                "cannot load champion %s, still serving %s; retrying in %.0fs: %s",
+                "cannot load champion %s (%s: %s); %s; trying again in %.0fs or when the pointer changes",
                 version,
-                current.version if current else "nothing",
-                RETRY_FAILED_SECONDS,
+                type(exc).__name__,
                 exc,
+                f"still serving {current.version}" if current else "serving nothing yet",
+                delay,
+                exc_info=exc,
             )
-            self._seen, self._retry_at = key, time.monotonic() + RETRY_FAILED_SECONDS
+            if self._current is None:
+                self._fall_back(pointer.fallbacks[1:], version)
             return
-        self._seen, self._retry_at = key, 0.0
+        self._retry_at = 0.0
+        self._clear_refusal()
         self._swap(loaded)
+
+    def _refuse(self, version: str, exc: Exception) -> float:
+        """Record that ``version`` failed to load; returns the seconds until it is tried again."""
+        previous = self._refused
+        attempts = previous.attempts + 1 if previous is not None and previous.version == version else 1
+        if previous is not None and previous.version != version:
+            self.metrics.clear(previous.version)
+        delay = min(RETRY_MAX_SECONDS, RETRY_FAILED_SECONDS * 2 ** (attempts - 1))
+        self._refused = RefusedModel(
+            version=version,
+            reason=f"{type(exc).__name__}: {exc}"[:500],
+            refused_at=datetime.now(UTC),
+            attempts=attempts,
+        )
+        self._retry_at = time.monotonic() + delay
+        self.metrics.failed(version)
+        self.metrics.refuse(version)
+        return delay
+
+    def _fall_back(self, earlier: list[str], refused: str) -> None:
+        """Serve the newest earlier champion that loads (a worker starting while the champion is broken)."""
+        for version in earlier:
+            try:
+                loaded = self._load(version)
+            except Exception as exc:
+                self.metrics.failed(version)
+                logger.error("cannot load earlier champion %s either (%s: %s)", version, type(exc).__name__, exc,
+                             exc_info=exc)
+                continue
+            logger.warning(
+                "champion %s cannot be loaded; falling back to %s, the newest earlier champion that loads, until %s "
+                "loads or another version is promoted", refused, version, refused,
+            )
+            self._swap(loaded)
+            return
+        logger.error("no champion can be loaded (%s, then %s); /predict answers 503", refused,
+                     ", ".join(earlier) or "no earlier champion")
+
+    def _clear_refusal(self) -> None:
+        if self._refused is not None:
+            self.metrics.clear(self._refused.version)
+            self._refused = None
 
     def _load(self, version: str) -> ServedModel:
         started = time.perf_counter()

@@ -34,8 +34,11 @@ def serve(
     env = dict(os.environ)
     if workers is not None:
         env["FLYWHEEL_SERVE_WORKERS"] = str(workers)
-    # Each server gets BentoML's state (model store, metrics files) under the Flywheel home, not ~/bentoml.
-    env.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    # Each server gets BentoML's state under the Flywheel home, not ~/bentoml, in a directory of its own: `bentoml
+    # serve` wipes its Prometheus files at start and /metrics adds up every file there, so replicas sharing one home
+    # must not share them. The model store is linked in from the home, as the Docker image does it.
+    if "BENTOML_HOME" not in env:
+        env["BENTOML_HOME"] = str(server_home(settings, bind, port or settings.serve_port))
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     command = [
         sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier",
@@ -45,6 +48,21 @@ def serve(
         "--port", str(port or settings.serve_port),
     ]
     os.execve(sys.executable, command, env)
+
+
+def server_home(settings: Settings, host: str, port: int) -> Path:
+    """``<home>/bentoml/servers/<hostname>-<host>-<port>``: BentoML's home for one server (its Prometheus files), with
+    ``models`` a link to the home's model store."""
+    import socket
+
+    home = settings.bentoml_home / "servers" / f"{socket.gethostname()}-{host}-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    (settings.bentoml_home / "models").mkdir(parents=True, exist_ok=True)
+    link = home / "models"
+    if not link.is_symlink():
+        # Relative, so the link holds wherever the shared volume is mounted.
+        link.symlink_to(Path("..") / ".." / "models", target_is_directory=True)
+    return home
 
 
 def refuse_open_bind(settings: Settings, host: str) -> None:

@@ -1,7 +1,8 @@
 """What ``/readyz`` answers: the state of every component of a worker, and whether it should get traffic.
 
 A starting worker is ready only once every route the README shows would succeed: the model is loaded, the
-batcher runs, events reach Kafka or are being spilled, and the database is open with its schema at head (so
+batcher runs, events reach Kafka or are being spilled (the publisher's delivery thread works and, while Kafka is
+away, the disk takes the spill), and the database is open with its schema at head (so
 ``/feedback``, ``/review``, the drift pages and ``/retrain/runs`` answer). After that, a database outage no longer
 takes the worker out of a load balancer's rotation: readiness then follows the prediction path only, and the body
 and the ``flywheel_component_up`` gauge show what is down.
@@ -20,7 +21,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from flywheel.database import BackgroundDatabase, DatabaseError
-from flywheel.publisher import EventPublisher, PublisherState
+from flywheel.publisher import EventPublisher
 from service.serving import ModelServer
 
 logger = logging.getLogger(__name__)
@@ -110,17 +111,12 @@ class Readiness:
     def components(self) -> dict[str, ComponentState]:
         """The state of every component now."""
         current = self.serving.current
-        state = self.publisher.state
+        # Down while the delivery thread is failing, or while neither Kafka nor the disk takes events.
+        delivery = self.publisher.health()
         return {
             "model": ComponentState(current is not None, current.version if current else "no champion loaded yet"),
             "batcher": ComponentState(self.serving.alive(), "running" if self.serving.alive() else "stopped"),
-            "broker": ComponentState(
-                self.publisher.healthy(),
-                {
-                    PublisherState.CONNECTED: "events reach Kafka",
-                    PublisherState.SPILLING: "Kafka unreachable: events are spilled to disk and replayed later",
-                }.get(state, str(state)),
-            ),
+            "broker": ComponentState(delivery.up, delivery.detail),
             "database": self.database.state,
             "hot_reload": ComponentState(self.reload_alive(), "watching the champion pointer"),
             # Until the keys are loaded every protected route refuses callers (access fails closed).

@@ -12,6 +12,20 @@ from flywheel.http import json_kind, parse_json_object
 
 EXAMPLE = '{"text": "a wonderful film"} or {"texts": ["a wonderful film", "dull and far too long"]}'
 
+#: Every error status ``POST /predict`` answers, as its OpenAPI responses and the README's catalogue list them.
+PREDICT_ERRORS: dict[int | str, str] = {
+    400: "Body is not UTF-8 JSON, or nests more than 16 levels deep; or a malformed Idempotency-Key.",
+    401: "API key missing, wrong or revoked.",
+    403: "A browser session without its CSRF token.",
+    409: "A request with the same Idempotency-Key is still being answered; retry shortly.",
+    413: "Body too large, too many texts, or a text over the character cap.",
+    422: "Body does not follow the schema (duplicate keys, NaN, NUL characters and lone surrogates included), the "
+    "model cannot classify one of its texts, or an Idempotency-Key reused with a different body.",
+    500: "The model fails on every text (logged).",
+    503: "No model loaded yet, or the worker is at capacity (admission control): retry after Retry-After seconds.",
+    504: "The request waited for inference past FLYWHEEL_SERVE_TIMEOUT and was not computed.",
+}
+
 
 class PredictRequest(BaseModel):
     """Send exactly one of ``text`` or ``texts``."""
@@ -38,10 +52,25 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class RefusedModel(BaseModel):
+    """A champion this worker does not serve because it fails to load."""
+
+    version: str
+    reason: str = Field(description="The load error, e.g. a truncated model.safetensors.")
+    refused_at: datetime = Field(description="When the last attempt to load it failed.")
+    attempts: int = Field(description="Failed loads so far; it is tried again with backoff and whenever the pointer "
+                          "changes.")
+
+
 class ModelInfo(BaseModel):
     """The model this worker serves."""
 
-    version: str
+    version: str = Field(description="The version this worker serves.")
+    champion: str = Field(description="The version the champion pointer names; differs from version while this "
+                          "worker cannot load it.")
+    fallback: bool = Field(description="True while this worker serves an earlier champion because the pointer's "
+                           "champion fails to load.")
+    refused: RefusedModel | None = Field(None, description="The champion this worker refused, and why.")
     labels: list[str]
     holdout_metrics: dict[str, Any]
     loaded_at: datetime

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
+from flywheel.admission import Throughput
+from flywheel.metrics import admission_metrics
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from service.batcher import BatchResult, MicroBatcher
@@ -31,6 +34,9 @@ class ModelServer:
         import torch
 
         self.metrics = metrics
+        #: Texts per second of inference, measured on the traffic served: what admission control sizes its bound by.
+        self.throughput = Throughput()
+        dropped = admission_metrics().dropped
         self.watcher = ChampionWatcher(settings, registry, on_swap=self._on_swap)
         self.batcher = MicroBatcher(
             lambda: self.watcher.current,
@@ -38,7 +44,8 @@ class ModelServer:
             max_wait_ms=settings.batch_max_wait_ms,
             forward_batch_size=settings.inference_batch_size
             or (settings.batch_max_size if torch.cuda.is_available() else CPU_FORWARD_BATCH),
-            observer=metrics.observe_batch,
+            observer=self._observe_batch,
+            on_drop=lambda reason: dropped.labels(route="predict", reason=reason).inc(),
         )
 
     def start(self) -> ModelServer:
@@ -65,13 +72,17 @@ class ModelServer:
         current = self.watcher.current
         return current.entry if current is not None else None
 
-    async def predict(self, texts: list[str]) -> BatchResult:
-        """Probabilities for ``texts``, computed in a batch shared with concurrent requests."""
-        return await self.batcher.submit(texts)
+    async def predict(self, texts: list[str], deadline: float = math.inf) -> BatchResult:
+        """Probabilities for ``texts``, computed in a batch shared with concurrent requests before ``deadline``."""
+        return await self.batcher.submit(texts, deadline)
 
     def alive(self) -> bool:
         """True while the batcher's thread runs."""
         return self.batcher.alive()
+
+    def _observe_batch(self, texts: int, requests: int, seconds: float) -> None:
+        self.metrics.observe_batch(texts, requests, seconds)
+        self.throughput.observe(texts, seconds)
 
     def _on_swap(self, loaded: ServedModel, previous: ServedModel | None) -> None:
         self.metrics.observe_swap(loaded.version, previous.version if previous else None)

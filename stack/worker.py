@@ -1,5 +1,10 @@
 """The worker: APScheduler jobs (persistent schedule) for retrain checks, drift reports and housekeeping;
-queued and drift-triggered retrains; clean shutdown."""
+queued and drift-triggered retrains; clean shutdown.
+
+The drift-alert listener acts on each alert at least once: its offset is committed only once the retrain request
+is stored, and the listener is supervised (``flywheel.supervision``), so a database or broker outage shows as a
+fault (``alerts_health()``, ``flywheel_thread_up{thread="drift-alerts"}``) and the alert is acted on when it ends.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from kafka.errors import KafkaError
-from tenacity import Retrying, retry_if_exception_type, wait_fixed
+from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata
 
 from feedback.retention import expire_predictions
 from feedback.store import FeedbackStore
@@ -24,8 +29,8 @@ from flywheel.kafka import kafka_consumer
 from flywheel.models.retrain import RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
-from flywheel.retry import failure, wait_on
 from flywheel.settings import Settings
+from flywheel.supervision import Health, Supervised
 from monitoring.monitor import DriftMonitor
 from monitoring.schedule import add_drift_job
 from retrain.runner import RetrainRunner
@@ -35,6 +40,8 @@ logger = logging.getLogger(__name__)
 #: The worker whose jobs run in this process; persistent jobs are stored by reference, so they find it here.
 _active: RetrainWorker | None = None
 ALERTS_GROUP = "flywheel-retrain"
+#: Longest wait, in seconds, between attempts of the alert listener while the database or the broker is away.
+ALERT_RETRY_MAX_SECONDS = 10.0
 
 
 def scheduled_retrain() -> None:
@@ -64,7 +71,9 @@ class RetrainWorker:
         self.store: FeedbackStore | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.publisher: EventPublisher | None = None
-        self._alerts: threading.Thread | None = None
+        self._alerts = Supervised(
+            "drift-alerts", self._consume_alerts, self.stopping, max_backoff=ALERT_RETRY_MAX_SECONDS
+        )
 
     def start(self) -> None:
         """Connect, migrate, recover dead runs, and start the scheduler and the alert listener."""
@@ -100,7 +109,7 @@ class RetrainWorker:
         )
         scheduler.resume()
         self.scheduler = scheduler
-        self._alerts = threading.Thread(target=self._listen_for_alerts, name="drift-alerts", daemon=True)
+        # Each drift alert queues one run; the queue poll starts it, so alerts never run retrains concurrently.
         self._alerts.start()
         logger.info("retrain worker started (checks every %ss)", self.settings.retrain_interval_seconds)
 
@@ -109,7 +118,9 @@ class RetrainWorker:
         job = scheduler.get_job(job_id)
         trigger = IntervalTrigger(seconds=seconds)
         if job is None:
-            scheduler.add_job(func, trigger, id=job_id, name=job_id)
+            # Another worker starting at the same moment may add it between the lookup and here: replacing its job
+            # with the same schedule is harmless, refusing to start is not.
+            scheduler.add_job(func, trigger, id=job_id, name=job_id, replace_existing=True)
         elif job.trigger.interval.total_seconds() != seconds:
             scheduler.reschedule_job(job_id, trigger=trigger)
         else:
@@ -145,37 +156,33 @@ class RetrainWorker:
             raise RuntimeError("worker not started")
         return self.runner
 
-    def _listen_for_alerts(self) -> None:
-        # Each drift alert queues one run; the queue poll starts it, so alerts never run retrains concurrently.
-        retrying = Retrying(
-            retry=retry_if_exception_type(KafkaError),
-            # A fresh consumer every kafka_retry_interval until it works; shutdown ends the wait at once.
-            wait=wait_fixed(self.settings.kafka_retry_interval),
-            sleep=wait_on(self.stopping),
-            before_sleep=lambda state: logger.warning("drift alert listener: %s; retrying", failure(state)),
-        )
-        retrying(self._consume_alerts)
+    def alerts_health(self) -> Health:
+        """Whether the drift-alert listener works, or the fault it is retrying."""
+        return self._alerts.health()
 
     def _consume_alerts(self) -> None:
-        """Act on drift alerts until the worker stops; a Kafka error closes the consumer and propagates."""
-        if self.stopping.is_set():
-            return
+        """Act on drift alerts until the worker stops; any error closes the consumer, and its supervisor starts a
+        fresh one, which is re-delivered the alert whose retrain request was not stored."""
         consumer = kafka_consumer(
             self.settings,
             Topic.ALERTS,
             group_id=ALERTS_GROUP,
             # A first start also acts on alerts sent before it: at most one run is queued at a time.
             auto_offset_reset="earliest",
-            enable_auto_commit=True,
+            enable_auto_commit=False,
             session_timeout_ms=self.settings.ingest_max_poll_interval_ms + 1000,
         )
         try:
             while not self.stopping.is_set():
-                for records in consumer.poll(timeout_ms=1000).values():
+                for partition, records in consumer.poll(timeout_ms=1000).items():
                     for record in records:
                         self._on_alert(record.value)
+                        # Committed only now that the request is stored: a crash before re-delivers the alert.
+                        consumer.commit({partition: OffsetAndMetadata(record.offset + 1, "", -1)})
+                if _caught_up(consumer):
+                    self._alerts.recovered()
         finally:
-            consumer.close()
+            consumer.close(autocommit=False)
 
     def _on_alert(self, payload: bytes) -> None:
         try:
@@ -193,8 +200,7 @@ class RetrainWorker:
         self.stopping.set()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
-        if self._alerts is not None:
-            self._alerts.join(timeout=10)
+        self._alerts.join(timeout=10)
         if self.publisher is not None:
             self.publisher.close()
         if self.database is not None:
@@ -217,3 +223,12 @@ class RetrainWorker:
             done.wait()
         finally:
             self.shutdown()
+
+
+def _caught_up(consumer: KafkaConsumer) -> bool:
+    """Whether every alert the broker holds was acted on: what a fault of the listener is over with."""
+    partitions = consumer.assignment()
+    return bool(partitions) and all(
+        (end := consumer.highwater(partition)) is not None and consumer.position(partition) >= end
+        for partition in partitions
+    )

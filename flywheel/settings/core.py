@@ -27,10 +27,20 @@ class CoreSettings(FlywheelSettings):
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
     # The event publisher is core: the service, ingestion, worker and drift watcher all publish through it.
     publish_queue_size: int = Field(
-        10_000, ge=1, description="Events buffered in memory per process before they overflow to the spill file."
+        10_000,
+        ge=1,
+        description="Most events a process holds only in memory (queued, or sent and not yet acknowledged by Kafka); "
+        "beyond it publish() writes them to the spill file itself. A SIGKILL loses at most these.",
     )
     spill_max_bytes: int = Field(
         1_073_741_824, ge=0, description="Disk cap of a process's spill file; events beyond it are dropped and counted."
+    )
+    spill_fsync_ms: float = Field(
+        20.0,
+        ge=0,
+        description="Spill appends are fsynced within this many milliseconds (appends in between share one fsync: "
+        "group commit), so a power loss loses at most the events spilled in the last this many ms plus one fsync; "
+        "0 = fsync every append.",
     )
     kafka_timeout: float = Field(
         10.0, gt=0, description="Seconds an event may wait for the broker's acknowledgement before it is spilled."

@@ -20,7 +20,7 @@ class RetrainSettings(FlywheelSettings):
         100, ge=1, description="Accepted, unused feedback labels that trigger a retrain at the next check."
     )
     retrain_candidates: Annotated[list[Literal["warm", "gentle", "bold", "eager", "probe", "base"]], NoDecode] = Field(
-        ["warm", "gentle", "probe"],
+        ["warm", "bold", "probe"],
         min_length=1,
         description="Challenger recipes one run trains, in order, comma-separated: warm (from the champion), "
         "gentle (half the learning rate), bold (twice the learning rate), eager (twice the feedback weight), probe "

@@ -40,3 +40,47 @@ class ServingSettings(FlywheelSettings):
         2.0, gt=0, description="Seconds between checks of the registry's champion pointer for hot reload."
     )
     log_predictions: bool = Field(True, description="Publish every prediction to the flywheel.predictions topic.")
+    admission_max_texts: int | None = Field(
+        None,
+        ge=1,
+        description="Texts one worker admits in flight (waiting for or in inference); beyond it /predict answers "
+        "503 with Retry-After. Unset = the worker's measured texts/s × FLYWHEEL_ADMISSION_QUEUE_SECONDS, kept "
+        "between FLYWHEEL_ADMISSION_MIN_TEXTS and FLYWHEEL_ADMISSION_CEILING_TEXTS.",
+    )
+    admission_queue_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds of inference, at the measured throughput, a worker admits ahead of itself (at most "
+        "FLYWHEEL_SERVE_TIMEOUT: more would be answered 504); what an admitted request waits at worst.",
+    )
+    admission_min_texts: int = Field(
+        16,
+        ge=1,
+        description="Floor of the measured text bound: one forward pass on CPU, so a slow runtime still computes "
+        "full passes. Until anything is measured the bound is FLYWHEEL_BATCH_MAX_SIZE (a burst one batch serves).",
+    )
+    admission_ceiling_texts: int = Field(8192, ge=1, description="Ceiling of the measured text bound.")
+    admission_max_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Request-body bytes one worker holds at once for /predict (being read, or of "
+        "requests in flight); beyond it requests are answered 503 before their bodies are read. Keeps memory "
+        "bounded whatever the offered load.",
+    )
+    feedback_max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="/feedback requests one worker admits in flight; unset = its measured requests/s × "
+        "FLYWHEEL_ADMISSION_QUEUE_SECONDS, between 16 and 1024.",
+    )
+    idempotency_ttl_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds a /predict answer is kept for retries carrying the same Idempotency-Key (per "
+        "principal, per worker process).",
+    )
+    idempotency_max_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="Bytes of kept /predict answers per worker; the oldest are forgotten first beyond it.",
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from flywheel.settings.core import FlywheelSettings
 
@@ -60,5 +63,27 @@ class TrainingSettings(FlywheelSettings):
     patience: int = Field(
         3, ge=0, description="Validation checks without a macro-F1 gain before training stops early."
     )
+    weight_interpolation: Annotated[list[float], NoDecode] = Field(
+        [0.5, 0.75],
+        description="Blends of the starting and the fine-tuned weights (shares of the fine-tuned, comma-separated) "
+        "tried on validation after a run that starts from a trained model; one that validates better is kept "
+        "(WiSE-FT: it keeps more of what the starting model knew). Empty: no blending.",
+    )
     max_train_minutes: float = Field(20.0, gt=0, description="Wall-time cap of one training run, in minutes.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default all cores.")
+
+    @field_validator("weight_interpolation", mode="before")
+    @classmethod
+    def _blends_from_text(cls, value: object) -> object:
+        """``0.5,0.75`` from the environment becomes a list; an empty string is no blending."""
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("weight_interpolation")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        """Each blend is a share of the fine-tuned weights strictly between 0 and 1."""
+        if any(not 0 < alpha < 1 for alpha in value):
+            raise ValueError("each weight interpolation must be strictly between 0 and 1, e.g. 0.5,0.75")
+        return value

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -23,60 +22,19 @@ from flywheel.events import DriftAlertEvent
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RunStatus, RunTrigger
 from flywheel.publisher import EventPublisher
-from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
 from monitoring.schedule import JOB_ID as DRIFT_JOB_ID
 from retrain.dataset import assemble
-from retrain.gate import GateLimits, GateScores, decide, keeps_holdout
 from retrain.lease import RetrainLock
 from retrain.runner import RetrainRunner
 from stack.worker import RetrainWorker
-from tests.conftest import copy_home, free_port
+from tests.conftest import free_port
 from tests.conftest import run_cli as run_cli_here
+from tests.retrain.conftest import label, trust
 from tests.support import product_reviews, synthetic_sentiment
 
 pytestmark = pytest.mark.slow
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
-
-
-@pytest.fixture()
-def home_env(trained_home: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    env = copy_home(trained_home, tmp_path / "home")
-    env["FLYWHEEL_RETRAIN_MIN_EVAL_ROWS"] = "8"
-    env["FLYWHEEL_EPOCHS"] = "6"
-    # The tiny task's holdout has 40 rows: one miss is 2.5 points, so allow two.
-    env["FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP"] = "0.05"
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
-@pytest.fixture()
-def database(home_env: dict[str, str]) -> Iterator[Database]:
-    database = Database.from_settings(Settings()).upgrade()
-    yield database
-    database.dispose()
-
-
-@pytest.fixture()
-def runner(database: Database) -> RetrainRunner:
-    settings = Settings()
-    return RetrainRunner(settings, database, ModelRegistry(settings), progress=False)
-
-
-@pytest.fixture()
-def store(database: Database) -> FeedbackStore:
-    return FeedbackStore(database, Settings())
-
-
-def label(store: FeedbackStore, rows: pd.DataFrame, source: str = "annotation") -> None:
-    result = store.import_labels(zip(rows["text"], rows["label"], strict=True), source=source)
-    assert result.created == len(rows)
-
-
-def trust(store: FeedbackStore, source: str = "annotation") -> None:
-    """Trust a principal as a reviewer would: nothing is trusted by default, and only trusted labels judge."""
-    store.set_source(source, trusted=True)
 
 
 def vet(env: dict[str, str]) -> None:
@@ -121,50 +79,6 @@ def test_corrections_teach_a_new_domain_and_the_gate_promotes(runner: RetrainRun
     assert runner.new_labels() == 0
 
 
-def test_a_run_trains_each_candidate_records_them_and_the_gate_takes_the_best(
-    runner: RetrainRunner, store: FeedbackStore
-) -> None:
-    settings = runner.settings.model_copy(update={"retrain_candidates": ["warm", "gentle", "probe"]})
-    grid = RetrainRunner(settings, runner.database, runner.registry, progress=False)
-    trust(store)
-    label(store, product_reviews(160, seed=1))
-
-    run = grid.run(RunTrigger.MANUAL)
-
-    assert run is not None and run.status == RunStatus.PROMOTED, run
-    assert run.candidates is not None and [c["name"] for c in run.candidates] == ["warm", "gentle", "probe"]
-    rates = {c["name"]: c["learning_rate"] for c in run.candidates}
-    assert rates["gentle"] == pytest.approx(rates["warm"] / 2) and run.candidates[2]["start"] == "probe"
-    allowed = [c for c in run.candidates if c["refused"] is None]
-    best = max(allowed, key=lambda c: c["feedback_macro_f1"])
-    assert run.challenger_version == best["version"] == grid.registry.champion()
-    evidence = run.gate_evidence or {}
-    assert evidence["chosen"] == best["name"] and evidence["feedback_eval_rows"] == run.feedback_eval_rows
-    low, high = evidence["gain_interval"]
-    assert 0 < low <= evidence["gain"] <= high
-    assert f"[candidate {best['name']} of 3]" in (run.reason or "")
-
-
-def test_a_gain_the_held_out_slice_cannot_resolve_does_not_promote() -> None:
-    champion = GateScores(holdout_macro_f1=0.8, feedback_macro_f1=0.6, holdout_class_f1={"a": 0.8, "b": 0.8})
-    better = GateScores(holdout_macro_f1=0.8, feedback_macro_f1=0.7, holdout_class_f1={"a": 0.8, "b": 0.8})
-    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
-    assert decide(champion, better, limits, (0.04, 0.16)).promote
-    unsure = decide(champion, better, limits, (-0.02, 0.2))
-    assert not unsure.promote and unsure.reason.startswith("no sure gain on fresh feedback")
-
-
-def test_no_class_may_lose_more_than_its_allowance_on_the_holdout() -> None:
-    champion = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.6, holdout_class_f1={"neg": 0.85, "pos": 0.75})
-    # Macro-F1 holds (one class up, the other down), but the negative class lost 5 points.
-    shifted = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.8, holdout_class_f1={"neg": 0.80, "pos": 0.80})
-    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
-    refused = keeps_holdout(champion, shifted, limits)
-    assert refused is not None and refused.startswith("holdout F1 of class 'neg' fell 0.8500 -> 0.8000")
-    assert not decide(champion, shifted, limits, (0.1, 0.3)).promote
-    assert keeps_holdout(champion, shifted, limits.model_copy(update={"max_class_drop": 0.06})) is None
-
-
 def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(
     runner: RetrainRunner, store: FeedbackStore,
 ) -> None:
@@ -181,9 +95,11 @@ def test_the_gate_rejects_poisoned_feedback_and_the_champion_keeps_serving(
     run = runner.run(RunTrigger.MANUAL)
 
     assert run is not None and run.status == RunStatus.REJECTED, run
-    assert "golden holdout fell" in (run.reason or "") or "no sure gain" in (run.reason or "")
+    reason = run.reason or ""
+    assert any(why in reason for why in ("golden holdout fell", "no sure gain", "no candidate kept the golden holdout"))
     assert runner.registry.champion() == champion
-    assert run.challenger_version in {v.version for v in runner.registry.list()}
+    # Every challenger stays in the registry for inspection, whichever test it failed.
+    assert run.candidates and {c["version"] for c in run.candidates} <= {v.version for v in runner.registry.list()}
     assert not [f for f in store.export() if f.status == "used"]
 
 

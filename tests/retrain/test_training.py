@@ -148,3 +148,30 @@ def test_a_new_head_starts_as_a_linear_probe_and_training_keeps_its_best_check(
     plain = TrainingPipeline(unprobed, pipeline.registry, Trainer(unprobed, progress=False))
     assert plain.run(synthetic_sentiment(400, seed=4)).training.probe_macro_f1 is None
 
+
+
+def test_a_warm_start_keeps_a_blend_with_its_starting_weights_only_when_it_validates_better(
+    pipeline: TrainingPipeline,
+) -> None:
+    first = pipeline.run(synthetic_sentiment(400))
+    # A new head has no trained start worth blending with.
+    assert first.training.weight_interpolation == 1.0 and not [h for h in first.training.history if "alpha" in h]
+
+    warm = pipeline.run(synthetic_sentiment(400, seed=3), warm_start=first.version.version)
+
+    training = warm.training
+    blends = [h for h in training.history if "alpha" in h]
+    tuned = max(h["val_macro_f1"] for h in training.history if "alpha" not in h)
+    if tuned > training.history[0]["val_macro_f1"]:
+        assert [h["alpha"] for h in blends] == [0.5, 0.75]
+    kept = {1.0: tuned, **{h["alpha"]: h["val_macro_f1"] for h in blends}}
+    assert training.validation.macro_f1 == max(kept.values()) == kept[training.weight_interpolation]
+    assert warm.version.card.weight_interpolation == training.weight_interpolation
+    assert warm.version.card.hyperparameters["weight_interpolation"] == [0.5, 0.75]
+
+
+def test_blending_takes_shares_of_the_fine_tuned_weights_between_zero_and_one() -> None:
+    assert Settings(weight_interpolation="0.25, 0.5").weight_interpolation == [0.25, 0.5]
+    assert Settings(weight_interpolation="").weight_interpolation == []
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        Settings(weight_interpolation=[1.0])

@@ -70,8 +70,9 @@ def test_cli_broker_and_serve(trained_home: dict[str, str], tmp_path: Path) -> N
         _wait(lambda: _ready(url), what="flywheel serve ready", timeout=120)
         prediction = httpx.post(f"{url}/predict", json={"text": "a wonderful cast"}).json()["predictions"][0]
         assert prediction["model_version"] == httpx.get(f"{url}/model").json()["version"]
-        # BentoML's state went under the Flywheel home, not ~/bentoml.
-        assert (Path(env["FLYWHEEL_HOME"]) / "bentoml" / "prometheus_multiproc_dir").is_dir()
+        # BentoML's state went under the Flywheel home, not ~/bentoml, in a directory of this server's own.
+        servers = Path(env["FLYWHEEL_HOME"]) / "bentoml" / "servers"
+        assert list(servers.glob(f"*-{serve_port}/prometheus_multiproc_dir"))
 
         events = read_topic(
             bootstrap,

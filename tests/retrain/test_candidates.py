@@ -1,0 +1,93 @@
+"""Candidate challengers and the gate: checkpoint choice, the run record of every candidate, slice resolution,
+per-class non-regression."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from feedback.store import FeedbackStore
+from flywheel.labels import LabelLedger
+from flywheel.models.retrain import RunStatus, RunTrigger
+from retrain.dataset import assemble
+from retrain.gate import GateLimits, GateScores, decide, keeps_holdout
+from retrain.pipeline import validation_data
+from retrain.runner import RetrainRunner
+from tests.retrain.conftest import label, trust
+from tests.support import product_reviews
+
+pytestmark = pytest.mark.slow
+
+
+def test_checkpoints_are_chosen_on_rows_the_champion_never_trained_on(
+    runner: RetrainRunner, store: FeedbackStore
+) -> None:
+    champion = runner.registry.champion_version()
+    kept = validation_data(champion)
+    assert kept is not None and len(kept) == champion.card.validation_rows
+    trained = set(pd.read_parquet(champion.training_data_path)["text"])
+    assert not trained & set(kept["text"])
+    trust(store)
+    label(store, product_reviews(160, seed=1))
+
+    data = assemble(champion, LabelLedger(runner.database).training_rows(), runner.settings, runner.settings.seed)
+
+    # Replayed rows the champion knows by heart would make its first checkpoint look best and the challenger learn
+    # nothing: the original group is the champion's own validation rows, the feedback group a share of new labels.
+    assert data.validation is not None
+    groups = data.validation.groupby("group")["text"].apply(set)
+    assert groups["original"] <= set(kept["text"]) and not groups["original"] & trained
+    assert len(groups["feedback"]) == round(len(data.feedback_train_ids) * runner.settings.validation_fraction)
+    assert not set(data.validation["text"]) & set(data.train["text"])
+    assert not set(data.validation["text"]) & set(data.feedback_eval["text"])
+
+    run = runner.run(RunTrigger.MANUAL)
+
+    assert run is not None and run.challenger_version is not None, run
+    challenger = runner.registry.get(run.challenger_version)
+    assert challenger.card.validation_rows == len(data.validation)
+    assert challenger.card.steps_run > 0
+
+
+def test_a_run_trains_each_candidate_records_them_and_the_gate_takes_the_best(
+    runner: RetrainRunner, store: FeedbackStore
+) -> None:
+    settings = runner.settings.model_copy(update={"retrain_candidates": ["warm", "gentle", "probe"]})
+    grid = RetrainRunner(settings, runner.database, runner.registry, progress=False)
+    trust(store)
+    label(store, product_reviews(160, seed=1))
+
+    run = grid.run(RunTrigger.MANUAL)
+
+    assert run is not None and run.status == RunStatus.PROMOTED, run
+    assert run.candidates is not None and [c["name"] for c in run.candidates] == ["warm", "gentle", "probe"]
+    rates = {c["name"]: c["learning_rate"] for c in run.candidates}
+    assert rates["gentle"] == pytest.approx(rates["warm"] / 2) and run.candidates[2]["start"] == "probe"
+    allowed = [c for c in run.candidates if c["refused"] is None]
+    best = max(allowed, key=lambda c: c["feedback_macro_f1"])
+    assert run.challenger_version == best["version"] == grid.registry.champion()
+    evidence = run.gate_evidence or {}
+    assert evidence["chosen"] == best["name"] and evidence["feedback_eval_rows"] == run.feedback_eval_rows
+    low, high = evidence["gain_interval"]
+    assert 0 < low <= evidence["gain"] <= high
+    assert f"[candidate {best['name']} of 3]" in (run.reason or "")
+
+
+def test_a_gain_the_held_out_slice_cannot_resolve_does_not_promote() -> None:
+    champion = GateScores(holdout_macro_f1=0.8, feedback_macro_f1=0.6, holdout_class_f1={"a": 0.8, "b": 0.8})
+    better = GateScores(holdout_macro_f1=0.8, feedback_macro_f1=0.7, holdout_class_f1={"a": 0.8, "b": 0.8})
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
+    assert decide(champion, better, limits, (0.04, 0.16)).promote
+    unsure = decide(champion, better, limits, (-0.02, 0.2))
+    assert not unsure.promote and unsure.reason.startswith("no sure gain on fresh feedback")
+
+
+def test_no_class_may_lose_more_than_its_allowance_on_the_holdout() -> None:
+    champion = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.6, holdout_class_f1={"neg": 0.85, "pos": 0.75})
+    # Macro-F1 holds (one class up, the other down), but the negative class lost 5 points.
+    shifted = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.8, holdout_class_f1={"neg": 0.80, "pos": 0.80})
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
+    refused = keeps_holdout(champion, shifted, limits)
+    assert refused is not None and refused.startswith("holdout F1 of class 'neg' fell 0.8500 -> 0.8000")
+    assert not decide(champion, shifted, limits, (0.1, 0.3)).promote
+    assert keeps_holdout(champion, shifted, limits.model_copy(update={"max_class_drop": 0.06})) is None
