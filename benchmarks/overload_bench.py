@@ -21,25 +21,19 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 import psutil
-from serve_bench import cpu_seconds, free_port, prepare_model
+from serve_bench import cpu_seconds, free_port, prepare_model, service
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
-from flywheel.http import wait_until_ready
 from flywheel.logs import configure_logging
 from flywheel.settings import Settings
 
@@ -202,39 +196,6 @@ def recovery_seconds(url: str, timeout: float = 60.0) -> float:
     return float("inf")
 
 
-@contextmanager
-def service(home: Path, bootstrap: str, threads: int) -> Iterator[tuple[int, int]]:
-    """`bentoml serve` as in production (one worker, Kafka logging on); yields its port and process id."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "FLYWHEEL_HOME": str(home),
-        "FLYWHEEL_KAFKA_BOOTSTRAP": bootstrap,
-        "FLYWHEEL_TORCH_THREADS": str(threads),
-        "FLYWHEEL_SERVE_ACCESS_LOG": "false",
-        "BENTOML_HOME": str(home / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
-    log = open(home / f"serve-{port}.log", "wb")  # noqa: SIM115 (closed in finally)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:TextClassifier", "--port", str(port)]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        wait_until_ready(
-            f"http://127.0.0.1:{port}", timeout=180, exited=process.poll, context=lambda: f"See {log.name}."
-        )
-        yield port, process.pid
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-
-
 def admission_limit(url: str) -> float:
     """The predict route's admission bound as the service exports it."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -290,7 +251,13 @@ def main() -> None:
             f"{args.threads} torch threads; {len(os.sched_getaffinity(0))} CPUs; load avg {os.getloadavg()[0]:.1f}; "
             f"requests of {args.texts} texts × {args.chars} characters ({len(body)} bytes)"
         )
-        with EmbeddedBroker(port=free_port()) as broker, service(home, broker.bootstrap, args.threads) as (port, pid):
+        with (
+            EmbeddedBroker(port=free_port()) as broker,
+            # The access log would cost the service CPU per refused request, which is not what is measured here.
+            service(home, broker.bootstrap, args.threads, log_predictions=True,
+                    extra_env={"FLYWHEEL_SERVE_ACCESS_LOG": "false"}) as server,
+        ):
+            port, pid = server.port, server.pid
             url = f"http://127.0.0.1:{port}"
             memory = MemoryWatch(pid)
             run_phase("warm-up", port, body, args, clients=2, seconds=5.0, memory=memory)

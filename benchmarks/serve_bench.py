@@ -141,8 +141,10 @@ class RawModel:
 
 
 @contextmanager
-def service(home: Path, bootstrap: str, threads: int, log_predictions: bool) -> Iterator[Server]:
-    """`bentoml serve` as in production (one worker), until the block ends."""
+def service(
+    home: Path, bootstrap: str, threads: int, log_predictions: bool, extra_env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """`bentoml serve` as in production (one worker), until the block ends; ``extra_env`` adds FLYWHEEL_* options."""
     port = free_port()
     env = {
         **os.environ,
@@ -152,6 +154,7 @@ def service(home: Path, bootstrap: str, threads: int, log_predictions: bool) -> 
         "FLYWHEEL_LOG_PREDICTIONS": str(log_predictions).lower(),
         "BENTOML_HOME": str(home / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
+        **(extra_env or {}),
     }
     log = open(home / f"serve-{port}.log", "wb")  # noqa: SIM115 (closed in finally)
     process = subprocess.Popen(

@@ -10,12 +10,15 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
+from sqlmodel import select
 
 from feedback.ingestion import PredictionIngestor
 from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
-from flywheel.events import PredictionEvent, new_id, utcnow
+from flywheel.events import PredictionEvent, Topic, new_id, utcnow
+from flywheel.models.feedback import Prediction
 from flywheel.settings import Settings
 from tests.conftest import TcpProxy, free_port
 
@@ -33,6 +36,23 @@ def make_settings(home: Path, database_url: str, **overrides: object) -> Setting
         **overrides,
     }
     return Settings.model_validate(values)
+
+
+def produce(bootstrap: str, payloads: list[bytes]) -> None:
+    """Send raw payloads to the predictions topic and wait until the broker has them."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        for payload in payloads:
+            producer.send(Topic.PREDICTIONS.value, value=payload)
+        producer.flush(10)
+    finally:
+        producer.close()
+
+
+def stored_ids(store: FeedbackStore) -> list[str]:
+    """Prediction ids in the store, one per stored row."""
+    with store.database.read_session() as session:
+        return list(session.exec(select(Prediction.prediction_id)))
 
 
 def prediction(

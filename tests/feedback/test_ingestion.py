@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from kafka import KafkaProducer
 from sqlalchemy import func
 from sqlalchemy.engine import make_url
 from sqlmodel import select
@@ -17,24 +16,9 @@ from flywheel.broker import EmbeddedBroker
 from flywheel.events import DeadLetterEvent, Topic, encode, new_id
 from flywheel.models.feedback import FeedbackCreate, FeedbackStatus, Prediction
 from tests.conftest import TcpProxy, read_topic, wait_until
-from tests.feedback.conftest import prediction, running_ingestor
+from tests.feedback.conftest import prediction, produce, running_ingestor, stored_ids
 
 pytestmark = pytest.mark.slow
-
-
-def produce(bootstrap: str, payloads: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    try:
-        for payload in payloads:
-            producer.send(Topic.PREDICTIONS.value, value=payload)
-        producer.flush(10)
-    finally:
-        producer.close()
-
-
-def stored_ids(store: FeedbackStore) -> list[str]:
-    with store.database.read_session() as session:
-        return list(session.exec(select(Prediction.prediction_id)))
 
 
 def row_count(store: FeedbackStore) -> int:

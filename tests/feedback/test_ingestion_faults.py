@@ -5,33 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from kafka import KafkaProducer
 from sqlalchemy import func
 from sqlmodel import select
 
 from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
-from flywheel.events import Topic, encode
+from flywheel.events import encode
 from flywheel.models.feedback import Prediction
 from tests.conftest import wait_until
-from tests.feedback.conftest import prediction, running_ingestor
+from tests.feedback.conftest import prediction, produce, running_ingestor, stored_ids
 
 pytestmark = pytest.mark.slow
-
-
-def _produce(bootstrap: str, payloads: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    try:
-        for payload in payloads:
-            producer.send(Topic.PREDICTIONS.value, value=payload)
-        producer.flush(10)
-    finally:
-        producer.close()
-
-
-def _ids(store: FeedbackStore) -> list[str]:
-    with store.database.read_session() as session:
-        return list(session.exec(select(Prediction.prediction_id)))
 
 
 def _rename(store: FeedbackStore, old: str, new: str) -> None:
@@ -50,12 +34,12 @@ def test_ingest_survives_its_table_vanishing_and_stores_everything_once_it_is_ba
     store = store_factory(kafka_bootstrap=private_broker.bootstrap)
     events = [prediction(f"review {i}", 0.8) for i in range(50)]
     with running_ingestor(store) as ingestor:
-        _produce(private_broker.bootstrap, [encode(event) for event in events[:20]])
+        produce(private_broker.bootstrap, [encode(event) for event in events[:20]])
         wait_until(lambda: _count(store) == 20, what="the first 20 rows")
 
         _rename(store, "prediction", "prediction_moved")
         try:
-            _produce(private_broker.bootstrap, [encode(event) for event in events[20:]])
+            produce(private_broker.bootstrap, [encode(event) for event in events[20:]])
             wait_until(lambda: not ingestor.supervisor.health().up, what="the fault shown")
             assert "prediction" in ingestor.supervisor.health().detail
             assert ingestor.registry.get_sample_value("flywheel_thread_up", {"thread": "ingest"}) == 0
@@ -66,4 +50,4 @@ def test_ingest_survives_its_table_vanishing_and_stores_everything_once_it_is_ba
         wait_until(lambda: _count(store) == 50, timeout=60, what="every event stored once the table is back")
         wait_until(lambda: ingestor.supervisor.health().up, what="the fault cleared")
         assert ingestor.registry.get_sample_value("flywheel_thread_up", {"thread": "ingest"}) == 1
-    assert sorted(_ids(store)) == sorted(event.prediction_id for event in events), "each once"
+    assert sorted(stored_ids(store)) == sorted(event.prediction_id for event in events), "each once"
