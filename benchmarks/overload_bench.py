@@ -30,12 +30,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from serve_bench import cpu_seconds, free_port, prepare_model, service
+from servers import cpu_seconds, free_port, prepare_model, service
 
 from flywheel.broker import EmbeddedBroker
-from flywheel.database import Database
 from flywheel.logs import configure_logging
-from flywheel.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 #: A throughput gain below this share when clients double means the service is saturated.
@@ -244,8 +242,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         home = (args.home or Path(scratch) / "home").resolve()
         entry = prepare_model(args, home)
-        # The service is ready only once its database is at the current schema, as `flywheel up` makes it.
-        Database(Settings(home=home).resolved_database_url).upgrade().dispose()
         print(
             f"model {entry.version} ({entry.card.base_model}, max_length {entry.card.max_length}); "
             f"{args.threads} torch threads; {len(os.sched_getaffinity(0))} CPUs; load avg {os.getloadavg()[0]:.1f}; "

@@ -10,7 +10,8 @@ routes get it through a FastAPI dependency, and the app answers 503 while it is 
 ``POST /feedback`` admits each request before reading its body (see ``flywheel.admission``): at most
 ``FLYWHEEL_FEEDBACK_MAX_IN_FLIGHT`` per worker (unset: sized from the requests/s its database work is measured to
 take), fair per principal, else 503 with ``Retry-After``. Its database work is dropped before it starts when the
-client has disconnected or the request waited past ``FLYWHEEL_SERVE_TIMEOUT``.
+client has disconnected or the request waited past ``FLYWHEEL_SERVE_TIMEOUT``. Concurrent labels are stored in one
+transaction (group commit, ``feedback.submissions``), and each is answered 202 only once that has committed.
 """
 
 # No `from __future__ import annotations`: FastAPI reads route signatures at run time, and their dependencies
@@ -33,6 +34,7 @@ from feedback.decisions import FeedbackConflictError, FeedbackNotFoundError
 from feedback.ratelimit import RateLimiter
 from feedback.review import MAX_LIMIT, ReviewItem, ReviewQueue
 from feedback.store import FeedbackStore, feedback_event
+from feedback.submissions import SubmissionQueue
 from flywheel.access import Caller
 from flywheel.admission import Admission, DeadlineExceededError, Throughput, sized_limit
 from flywheel.auth import Access
@@ -69,6 +71,7 @@ class Backend(NamedTuple):
     store: FeedbackStore
     queue: ReviewQueue
     limiter: RateLimiter
+    submissions: SubmissionQueue
 
 
 class Verdict(BaseModel):
@@ -127,11 +130,21 @@ def create_router(
     """The feedback routes for one service worker (see ``service.app`` for the contract)."""
     executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="feedback-db")
     parts: dict[int, Backend] = {}
+    dropped = admission_metrics().dropped
+
+    def drop(reason: str) -> None:
+        dropped.labels(route="feedback", reason=reason).inc()
 
     def backend_of(db: Annotated[Database, Depends(database.get)]) -> Backend:
         # Built once per opened database (there is one per process): the store prepares statements up front.
         if id(db) not in parts:
-            parts[id(db)] = Backend(FeedbackStore(db, settings), ReviewQueue(db, settings), RateLimiter(db, settings))
+            store = FeedbackStore(db, settings)
+            parts[id(db)] = Backend(
+                store,
+                ReviewQueue(db, settings),
+                RateLimiter(db, settings),
+                SubmissionQueue(store, settings.feedback_commit_ms, on_drop=drop),
+            )
         return parts[id(db)]
 
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
@@ -151,7 +164,6 @@ def create_router(
         throughput,
     )
     admission.publish()
-    dropped = admission_metrics().dropped
 
     async def admitted_work(
         request: Request, deadline: float, spent: list[float], function: Callable[..., T], *args: Any
@@ -242,7 +254,13 @@ def create_router(
                     422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
                 )
             spent: list[float] = []
-            wait = await admitted_work(request, deadline, spent, backend.limiter.acquire, caller.name, caller.role)
+            # Without a limit there is nothing to count: no trip to a database thread.
+            limited = backend.limiter.limit(caller.role) > 0
+            wait = (
+                await admitted_work(request, deadline, spent, backend.limiter.acquire, caller.name, caller.role)
+                if limited
+                else 0.0
+            )
             if wait > 0:
                 raise HTTPException(
                     429,
@@ -250,10 +268,15 @@ def create_router(
                     f"minute; retry in {wait:.0f}s",
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
+            share: list[float] = []
             with answered():
-                saved = await admitted_work(request, deadline, spent, backend.store.submit, create, caller.name)
-            # The pool runs DB_THREADS requests at once: a request's database seconds are a share of that.
-            throughput.observe(1, sum(spent) / DB_THREADS)
+                # Dropped unwritten (and counted) by the queue when the client leaves or the deadline passes first.
+                saved = await unless_disconnected(
+                    request, backend.submissions.submit(create, caller.name, deadline, share)
+                )
+            # The pool runs DB_THREADS rate-limit counts at once; the one writer thread a transaction at a time, of
+            # which this request took its share.
+            throughput.observe(1, sum(spent) / DB_THREADS + sum(share))
         finally:
             ticket.release()
         publisher.publish(feedback_event(saved))

@@ -184,12 +184,13 @@ def feedback_vet(
 ) -> None:
     """Score labels of new texts that no model has judged yet with the champion, then vet them."""
     from feedback.store import open_store
-    from flywheel.classifier import Classifier
     from flywheel.registry import ModelRegistry
+    from flywheel.runtime import load_classifier
 
     settings = load_settings()
     entry = ModelRegistry(settings).champion_version()
-    classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+    # The runtime the service serves in, so that the scores are the ones its predictions carry.
+    classifier = load_classifier(entry, settings)
     store = open_store(settings)
     total = 0
     while waiting := store.awaiting_evidence(batch):

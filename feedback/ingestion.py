@@ -8,6 +8,8 @@ so it stays in the group, and retries the same batch with backoff until it succe
 (a schema changed under it, a bug) closes the consumer; it is supervised (``flywheel.supervision``), so a
 fresh one starts after a backoff and is re-delivered the uncommitted batch. Both kinds of fault show in
 ``flywheel_thread_up{thread="ingest"}`` and ``flywheel_thread_faults_total`` until batches go through again.
+Stored rows are then offered to the drift embedder (``flywheel.embedding``), a thread of its own that embeds them
+once for drift reports; ingestion never waits for it, and its failures cost no prediction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 
 from feedback.prediction_rows import InvalidPredictionError, prediction_row
 from feedback.store import FeedbackStore
+from flywheel.embedding import PredictionEmbedder
 from flywheel.errors import FlywheelError
 from flywheel.events import DeadLetterEvent, EventDecodeError, PredictionEvent, Topic, decode, encode, utcnow
 from flywheel.kafka import kafka_consumer, kafka_producer
@@ -113,6 +116,12 @@ class PredictionIngestor:
             "ingest", self._consume, self._stop, max_backoff=settings.ingest_retry_max_seconds, registry=self.registry
         )
         self._connection: tuple[KafkaConsumer, KafkaProducer] | None = None
+        #: Embeds stored predictions for drift reports; health and counters on this ingestor's registry.
+        self.embedder = (
+            PredictionEmbedder(settings, store.database, self._stop, registry=self.registry)
+            if settings.drift_embed_at_ingest
+            else None
+        )
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand."""
@@ -133,11 +142,16 @@ class PredictionIngestor:
         logger.info("ingesting %s into %s as group %r", Topic.PREDICTIONS.value, self.store.database.display_url,
                     self.group_id)
         self.supervisor.start()
+        if self.embedder is not None:
+            self.embedder.start()
         try:
             # Joined in steps, so signal handlers of the calling (main) thread run meanwhile.
             while self.supervisor.alive():
                 self.supervisor.join(0.5)
         finally:
+            if self.embedder is not None:
+                # It stops after the batch in hand; what it leaves unembedded the next sweep or report embeds.
+                self.embedder.supervisor.join(10)
             if metrics is not None:
                 metrics.shutdown()
             logger.info("ingest stopped: %s", self.stats)
@@ -218,17 +232,22 @@ class PredictionIngestor:
 
     def _write(self, batch: _Batch) -> None:
         rejected: list[DeadLetterEvent] = []
+        stored = batch.rows
         try:
             results = [self.store.ingest(batch.rows)]
         except ROW_ERRORS as exc:
             logger.warning("batch rejected by the database (%s); writing its events one by one", exc.orig)
             results = []
+            stored = []
             for row, (tp, offset, payload) in zip(batch.rows, batch.origins, strict=True):
                 try:
                     results.append(self.store.ingest([row]))
+                    stored.append(row)
                 except ROW_ERRORS as row_exc:
                     rejected.append(self._letter(tp, offset, payload, f"database rejected it: {row_exc.orig}"))
         batch.dead.extend(rejected)
+        if self.embedder is not None:
+            self.embedder.offer(stored)
         inserted = sum(result.inserted for result in results)
         duplicates = len(batch.rows) - len(rejected) - inserted
         self.stats.inserted += inserted

@@ -120,6 +120,24 @@ class FeedbackStore(Decisions):
                     raise
         raise AssertionError("unreachable")
 
+    def submit_many(self, items: Sequence[tuple[FeedbackCreate, str]]) -> list[FeedbackPublic | FeedbackConflictError]:
+        """Store ``(label, principal)`` items as ``submit`` stores each, in one transaction, in their order.
+
+        Returns each item's saved row, or the refusal (FeedbackConflictError, raised before anything of it was
+        written) that fails it alone. Any other error rolls the whole transaction back and is raised: the caller
+        stores the items one by one to learn which of them is bad (see ``feedback.submissions``).
+        """
+        outcomes: list[FeedbackPublic | FeedbackConflictError] = []
+        with self.database.session() as session:
+            for create, principal in items:
+                try:
+                    row, _ = self._upsert(session, create, principal, utcnow())
+                except FeedbackConflictError as exc:
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(FeedbackPublic.model_validate(row))
+        return outcomes
+
     def _upsert(
         self, session: Session, create: FeedbackCreate, principal: str, now: datetime
     ) -> tuple[Feedback, str]:

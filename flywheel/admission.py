@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 from flywheel.errors import FlywheelError
@@ -173,6 +175,10 @@ class Admission:
         #: Body bytes held by requests of this route, being read or in flight (None: the route needs no byte bound).
         self.body = FairBudget(lambda: body_limit) if body_limit is not None else None
         self.metrics = admission_metrics()
+        self._refusals_lock = threading.Lock()
+        #: (monotonic time, units) of recent refusals, for the demand ``retry_after`` advises by.
+        self._refusals: deque[tuple[float, int]] = deque()
+        self._advised = 1
 
     def ticket(self) -> Ticket:
         """An empty ticket for one request; release it once the request is answered."""
@@ -188,12 +194,22 @@ class Admission:
         if self.body is not None and not ticket.take(self.body, principal, size):
             self._refuse(self.body, "body", principal, size, "body bytes")
 
-    def retry_after(self) -> int:
-        """Seconds until the work in flight would be done at the measured rate (1 before it is measured)."""
+    def retry_after(self, refused: int = 0) -> int:
+        """Seconds until the work in flight, and the refused work due back within the last advised wait, would be
+        done at the measured rate (1 before anything is measured); ``refused`` records a refusal of that many units
+        first."""
         rate = self.throughput.rate()
-        if not rate:
-            return 1
-        return max(1, min(MAX_RETRY_AFTER, math.ceil(self.work.total / rate)))
+        now = time.monotonic()
+        with self._refusals_lock:
+            if refused:
+                self._refusals.append((now, refused))
+            while self._refusals and self._refusals[0][0] < now - self._advised:
+                self._refusals.popleft()
+            due = sum(units for _, units in self._refusals)
+            if not rate:
+                return 1
+            self._advised = max(1, min(MAX_RETRY_AFTER, math.ceil((self.work.total + due) / rate)))
+            return self._advised
 
     def publish(self) -> None:
         """Export what is in flight and the bound now."""
@@ -202,7 +218,7 @@ class Admission:
 
     def _refuse(self, budget: FairBudget, reason: str, principal: str, units: int, what: str) -> None:
         self.metrics.refused.labels(route=self.route, reason=reason).inc()
-        wait = self.retry_after()
+        wait = self.retry_after(refused=units if budget is self.work else 0)
         raise OverloadedError(
             f"this worker is at capacity ({budget.total} {what} in flight, bound {budget.limit()}; {principal!r} "
             f"holds {budget.held(principal)} and asked for {units} more): retry in {wait}s",

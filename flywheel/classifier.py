@@ -1,4 +1,8 @@
-"""A loaded text classifier: tokenizer, model, labels and batched inference."""
+"""A loaded text classifier: tokenizer, network (PyTorch, or an ONNX Runtime session), labels and batched inference.
+
+Texts are tokenized once per forward pass: truncation is read from the tokenizer's overflow, not from a second,
+untruncated tokenization.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,11 @@ class Probabilities:
 
 
 class Classifier:
-    """Inference over a fine-tuned sequence classifier stored in a directory."""
+    """Inference over a fine-tuned sequence classifier stored in a directory.
+
+    With ``session`` (an ONNX Runtime session of the same network, see ``flywheel.runtime``) the forward passes run
+    there, on the CPU; ``model`` then only supplies the config (labels, embedding width).
+    """
 
     def __init__(
         self,
@@ -43,14 +51,22 @@ class Classifier:
         version: str = "",
         device: torch.device | None = None,
         half: bool | None = None,
+        session: Any = None,
+        runtime: str = "torch",
     ) -> None:
-        self.device = device or pick_device()
+        self.session = session
+        self.runtime = runtime
+        self.device = torch.device("cpu") if session is not None else device or pick_device()
         # Half precision halves memory and roughly doubles GPU throughput; CPU stays in float32.
         if half is None:
-            half = self.device.type == "cuda"
+            half = self.device.type == "cuda" and session is None
         model.to(self.device, dtype=torch.float16) if half else model.to(self.device)
         model.eval()
         self.model = model
+        #: What the forward passes compute in: the runtime's, or the weights' dtype.
+        self.dtype = (
+            "int8" if runtime.endswith("int8") else str(next(model.parameters()).dtype).removeprefix("torch.")
+        )
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.version = version
@@ -67,13 +83,27 @@ class Classifier:
         model = load_network(path)
         return cls(model, tokenizer, max_length=max_length, version=version, device=pick_device(device))
 
-    def _encode(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
-        full = self.tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
-        truncated = [len(ids) > self.max_length for ids in full]
+    def _encode(self, texts: list[str], tensors: str = "pt") -> tuple[dict[str, Any], list[bool]]:
         batch = self.tokenizer(
-            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors=tensors
         )
+        encodings = batch.encodings
+        # A fast tokenizer keeps what truncation cut as overflow; a slow one cannot say, so it tokenizes again.
+        if encodings is not None:
+            truncated = [bool(encoding.overflowing) for encoding in encodings]
+        else:
+            full = self.tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+            truncated = [len(ids) > self.max_length for ids in full]
+        if tensors == "np":
+            return dict(batch), truncated
         return {k: v.to(self.device) for k, v in batch.items()}, truncated
+
+    def _session_outputs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """Logits, pooled embeddings and truncation of ``texts`` from the ONNX Runtime session."""
+        inputs, cut = self._encode(texts, "np")
+        feeds = {node.name: inputs[node.name].astype(np.int64) for node in self.session.get_inputs()}
+        logits, pooled = self.session.run(None, feeds)
+        return logits, pooled, cut
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> Probabilities:
         """Softmax probabilities; texts are length-sorted into micro-batches to minimise padding."""
@@ -85,8 +115,12 @@ class Classifier:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                inputs, cut = self._encode([texts[i] for i in idx])
-                logits = self.model(**inputs).logits.float()
+                if self.session is not None:
+                    logits_np, _, cut = self._session_outputs([texts[i] for i in idx])
+                    logits = torch.from_numpy(logits_np).float()
+                else:
+                    inputs, cut = self._encode([texts[i] for i in idx])
+                    logits = self.model(**inputs).logits.float()
                 probs[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
                 for i, flag in zip(idx, cut, strict=True):
                     truncated[i] = flag
@@ -101,6 +135,9 @@ class Classifier:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
+                if self.session is not None:
+                    out[idx] = self._session_outputs([texts[i] for i in idx])[1]
+                    continue
                 inputs, _ = self._encode([texts[i] for i in idx])
                 if isinstance(self.model, SentenceClassifier):
                     pooled = self.model.pool(**inputs).float()

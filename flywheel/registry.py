@@ -76,6 +76,10 @@ class ModelCard(BaseModel):
     #: Share of the fine-tuned weights kept, the rest being the starting model's (1.0: no blend).
     weight_interpolation: float = 1.0
     stopped_because: str
+    #: Runtime the version serves in (see ``flywheel.runtime``; "torch" on cards written before runtimes).
+    runtime: str = "torch"
+    #: Every runtime variant's figures on the evaluation texts, and why the runtime was chosen.
+    runtime_evidence: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -1,4 +1,9 @@
-"""One drift run: current window against the champion's reference, persisted, targeted, alerted."""
+"""One drift run: current window against the champion's reference, persisted, targeted, alerted.
+
+Embeddings on both sides come from the fixed drift encoder (``flywheel.encoder``), not from the champion: the
+window's are read from the store (the ingestion process embedded them), so a report embeds only the rows still
+missing one, and a promotion neither changes the space nor leaves the stored window useless.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
+from sqlalchemy.exc import SQLAlchemyError
 
 from flywheel.classifier import Classifier
 from flywheel.database import Database
+from flywheel.embedding import store_embeddings
+from flywheel.encoder import DriftEncoder
 from flywheel.events import DriftAlertEvent
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.runtime import load_classifier
 from flywheel.settings import Settings
 from monitoring.descriptors import VocabularyShare
 from monitoring.drift import DriftAnalyzer
+from monitoring.embeddings import WindowEmbeddings, window_embeddings
 from monitoring.errors import MonitoringError
 from monitoring.metrics import drift_metrics
 from monitoring.performance import Calibration, PerformanceEstimator
@@ -60,21 +69,33 @@ class DriftMonitor:
         self.estimator = PerformanceEstimator(settings)
         self.analyzer = DriftAnalyzer(settings)
         self._classifier: Classifier | None = None
+        self._encoder: DriftEncoder | None = None
+
+    def encoder(self) -> DriftEncoder:
+        """The drift encoder, loaded once: the same for every model version."""
+        if self._encoder is None:
+            self._set_threads()
+            self._encoder = DriftEncoder.load(self.settings)
+        return self._encoder
+
+    def _set_threads(self) -> None:
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
 
     def classifier(self, entry: ModelVersion) -> Classifier:
         """The classifier of ``entry``, loaded once per version."""
         if self._classifier is None or self._classifier.version != entry.version:
-            if self.settings.torch_threads:
-                import torch
-
-                torch.set_num_threads(self.settings.torch_threads)
-            self._classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+            self._set_threads()
+            # The runtime the service serves in, so the reference's predictions are the ones traffic gets.
+            self._classifier = load_classifier(entry, self.settings)
         return self._classifier
 
     def prepare(self, entry: ModelVersion) -> tuple[Classifier, ReferenceSet, Calibration | None]:
         """Load the model, its cached reference and its calibration, building what is missing."""
         classifier = self.classifier(entry)
-        reference = self.references.load(entry, classifier)
+        reference = self.references.load(entry, classifier, self.encoder())
         return classifier, reference, self.estimator.calibration(entry.version, classifier)
 
     def evaluate(self, window: CurrentWindow, entry: ModelVersion | None = None) -> DriftOutcome:
@@ -108,7 +129,9 @@ class DriftMonitor:
         t0 = time.perf_counter()
         classifier, reference, calibration = self.prepare(entry)
         t1 = time.perf_counter()
-        embeddings = classifier.embed(frame["text"].astype(str).tolist()).astype(np.float32)
+        embedded = self.window_embeddings(window, frame)
+        summary.embeddings_stored, summary.embeddings_computed = embedded.stored, embedded.embedded
+        embeddings = embedded.vectors
         t2 = time.perf_counter()
         tokenizer = classifier.tokenizer
         vocabulary = VocabularyShare(tokenizer.get_vocab(), lowercase=bool(getattr(tokenizer, "do_lower_case", False)))
@@ -138,6 +161,7 @@ class DriftMonitor:
             )
             summary.targeted = targets["prediction_id"].astype(str).tolist()
         t4 = time.perf_counter()
+        summary.drift_encoder = self.encoder().encoder_id
         summary.timings = {
             "reference_seconds": round(t1 - t0, 3),
             "embedding_seconds": round(t2 - t1, 3),
@@ -148,13 +172,36 @@ class DriftMonitor:
         html = with_summary(analysis.snapshot.get_html_str(as_iframe=False), summary)
         return DriftOutcome(summary=summary, html=html, targets=targets)
 
+    def window_embeddings(self, window: CurrentWindow, frame: pd.DataFrame) -> WindowEmbeddings:
+        """The window's drift embeddings: stored ones read, the missing ones embedded now (and stored if possible)."""
+        encoder = self.encoder()
+        ids = frame["prediction_id"].astype(str).tolist()
+        stored = window.embeddings if window.encoder_id == encoder.encoder_id else {}
+        result, missing = window_embeddings(encoder, ids, frame["text"].astype(str).tolist(), stored)
+        if result.embedded:
+            logger.info(
+                "drift report embedded %d of %d window texts without a stored embedding in %.1fs",
+                result.embedded,
+                len(ids),
+                result.seconds,
+            )
+            if self.database is not None and window.encoder_id is not None:
+                # Stored for the next report; the background embedder would otherwise redo them.
+                try:
+                    store_embeddings(self.database, encoder, [ids[i] for i in missing], result.vectors[missing])
+                except SQLAlchemyError as exc:
+                    logger.warning("could not store the %d embeddings this report made: %s", result.embedded, exc)
+        return result
+
     def run(self, window: CurrentWindow | None = None) -> DriftSummary:
         """One full run: read the window, analyse, store files and row, rank targets, alert, update gauges."""
         s = self.settings
         if window is None:
             if self.database is None:
                 raise MonitoringError("no database to read the current window from")
-            window = WindowReader(self.database).load(s.drift_window_hours, s.drift_window_max_rows)
+            window = WindowReader(self.database).load(
+                s.drift_window_hours, s.drift_window_max_rows, encoder_id=self.encoder().encoder_id
+            )
         outcome = self.evaluate(window)
         summary = outcome.summary
         alert: DriftAlertEvent | None = None

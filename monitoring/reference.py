@@ -1,4 +1,8 @@
-"""The drift reference of a model version: its training rows, its own predictions and embeddings, cached."""
+"""The drift reference of a model version: its training rows and its own predictions, cached, and their embeddings.
+
+The rows and predictions belong to the version; the embeddings come from the one drift encoder through a cache of
+its own (``monitoring.embeddings``), so every version's reference lies in the same space as the stored window.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +21,16 @@ import pandas as pd
 from pydantic import BaseModel
 
 from flywheel.classifier import Classifier
+from flywheel.encoder import DriftEncoder
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
 from flywheel.storage import atomic_write, atomic_write_text
+from monitoring.embeddings import ReferenceEmbeddings
 from monitoring.errors import MonitoringError
 
 logger = logging.getLogger(__name__)
 
 FRAME_FILE = "reference.parquet"
-EMBEDDINGS_FILE = "embeddings.npy"
 META_FILE = "reference.json"
 
 
@@ -43,11 +48,13 @@ class ReferenceMeta(BaseModel):
 
 @dataclass
 class ReferenceSet:
-    """Training texts with labels, the model's predicted label and confidence, and its sentence embeddings."""
+    """Training texts with labels, the model's predicted label and confidence, and their drift-encoder embeddings."""
 
     meta: ReferenceMeta
     frame: pd.DataFrame
     embeddings: np.ndarray
+    #: Reference texts this load had to embed (0 once the drift encoder's cache holds them all).
+    embedded: int = 0
 
     @property
     def version(self) -> str:
@@ -79,13 +86,14 @@ class ReferenceCache:
         self.max_rows = settings.drift_reference_max_rows
         self.seed = settings.seed
         self.batch_size = batch_size
+        self.embeddings = ReferenceEmbeddings(settings.home, batch_size)
 
     def path(self, version: str) -> Path:
         """Directory of one version's cached reference."""
         return self.directory / version
 
-    def load(self, entry: ModelVersion, classifier: Classifier) -> ReferenceSet:
-        """The cached reference of ``entry``, built with ``classifier`` when missing or stale."""
+    def load(self, entry: ModelVersion, classifier: Classifier, encoder: DriftEncoder) -> ReferenceSet:
+        """The cached reference of ``entry`` (built by ``classifier`` if missing or stale), embedded by ``encoder``."""
         source = entry.training_data_path
         if not source.is_file():
             raise MonitoringError(
@@ -96,15 +104,17 @@ class ReferenceCache:
         with self._locked(entry.version):
             cached = self._read(entry.version)
             if (
-                cached is not None
-                and cached.meta.training_sha256 == sha
-                and cached.meta.max_rows == self.max_rows
-                and cached.meta.seed == self.seed
+                cached is None
+                or cached[0].training_sha256 != sha
+                or cached[0].max_rows != self.max_rows
+                or cached[0].seed != self.seed
             ):
-                return cached
-            return self._build(entry, classifier, sha)
+                cached = self._build(entry, classifier, sha)
+        meta, frame = cached
+        embeddings, embedded = self.embeddings.embed(encoder, frame["text"].astype(str).tolist())
+        return ReferenceSet(meta=meta, frame=frame, embeddings=embeddings, embedded=embedded)
 
-    def _read(self, version: str) -> ReferenceSet | None:
+    def _read(self, version: str) -> tuple[ReferenceMeta, pd.DataFrame] | None:
         directory = self.path(version)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
@@ -112,16 +122,15 @@ class ReferenceCache:
         try:
             meta = ReferenceMeta.model_validate_json(meta_path.read_text())
             frame = pd.read_parquet(directory / FRAME_FILE)
-            embeddings = np.load(directory / EMBEDDINGS_FILE)
         except (OSError, ValueError) as exc:
             logger.warning("cached drift reference of %s is unreadable (%s); rebuilding it", version, exc)
             return None
-        if len(frame) != meta.rows or embeddings.shape[0] != meta.rows:
+        if len(frame) != meta.rows:
             logger.warning("cached drift reference of %s is inconsistent; rebuilding it", version)
             return None
-        return ReferenceSet(meta=meta, frame=frame, embeddings=embeddings)
+        return meta, frame
 
-    def _build(self, entry: ModelVersion, classifier: Classifier, sha: str) -> ReferenceSet:
+    def _build(self, entry: ModelVersion, classifier: Classifier, sha: str) -> tuple[ReferenceMeta, pd.DataFrame]:
         started = time.perf_counter()
         training = pd.read_parquet(entry.training_data_path)
         missing = {"text", "label"} - set(training.columns)
@@ -135,7 +144,6 @@ class ReferenceCache:
         logger.info("building drift reference of %s: %d of %d training rows", entry.version, len(frame), len(training))
         predicted = predict_frame(classifier, texts, self.batch_size)
         frame = pd.concat([frame, predicted], axis=1)
-        embeddings = classifier.embed(texts, batch_size=self.batch_size).astype(np.float32)
         meta = ReferenceMeta(
             version=entry.version,
             training_sha256=sha,
@@ -147,15 +155,14 @@ class ReferenceCache:
         )
         directory = self.path(entry.version)
         atomic_write(directory / FRAME_FILE, lambda p: frame.to_parquet(p, index=False))
-        atomic_write(directory / EMBEDDINGS_FILE, lambda p: _save_npy(p, embeddings))
         # The meta file is written last: its presence marks a complete cache entry.
         atomic_write_text(directory / META_FILE, json.dumps(meta.model_dump(), indent=2))
         logger.info("drift reference of %s built in %.1fs", entry.version, meta.build_seconds)
-        return ReferenceSet(meta=meta, frame=frame, embeddings=embeddings)
+        return meta, frame
 
     @contextmanager
     def _locked(self, version: str) -> Iterator[None]:
-        # The scheduler and a manual `flywheel drift run` must not both embed 10,000 texts.
+        # The scheduler and a manual `flywheel drift run` must not both predict 10,000 texts.
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / f".{version}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -164,7 +171,3 @@ class ReferenceCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)

@@ -47,6 +47,11 @@ class DriftSummary(BaseModel):
     performance: PerformanceEstimate | None = None
     targeted: list[str] = Field(default_factory=list)
     alert_event_id: str | None = None
+    #: Drift encoder of both sides' embeddings (``flywheel.encoder``), the same across model versions.
+    drift_encoder: str = ""
+    #: Window rows whose embedding was read from the store, and rows this report had to embed itself.
+    embeddings_stored: int = 0
+    embeddings_computed: int = 0
     timings: dict[str, float] = Field(default_factory=dict)
     duration_seconds: float = 0.0
     message: str = ""

@@ -1,14 +1,15 @@
-"""The current window: the most recent logged predictions, with the accepted feedback label of each."""
+"""The current window: the most recent logged predictions, the accepted feedback label and stored embedding of each."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import pandas as pd
 from sqlmodel import col, select
 
 from flywheel.database import Database
+from flywheel.embedding import stored_embeddings
 from flywheel.events import utcnow
 from flywheel.models.feedback import Feedback, FeedbackStatus, Prediction
 
@@ -26,6 +27,10 @@ class CurrentWindow:
     rule: str
     start: datetime | None = None
     end: datetime | None = None
+    #: Drift encoder whose stored embeddings were read (None: the window was not read from the store).
+    encoder_id: str | None = None
+    #: Stored float16 embeddings by prediction id; rows without one are embedded by the report.
+    embeddings: dict[str, bytes] = field(default_factory=dict)
 
 
 class WindowReader:
@@ -34,8 +39,13 @@ class WindowReader:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def load(self, hours: float, max_rows: int, now: datetime | None = None) -> CurrentWindow:
-        """Predictions of the last ``hours`` hours, newest first, at most ``max_rows`` of them."""
+    def load(
+        self, hours: float, max_rows: int, now: datetime | None = None, encoder_id: str | None = None
+    ) -> CurrentWindow:
+        """Predictions of the last ``hours`` hours, newest first, at most ``max_rows`` of them.
+
+        With ``encoder_id``, the window also holds the embeddings that drift encoder stored for them.
+        """
         end = now or utcnow()
         start = end - timedelta(hours=hours)
         with self.database.read_session() as session:
@@ -73,4 +83,12 @@ class WindowReader:
             columns=WINDOW_COLUMNS,
         )
         rule = f"last {hours:g} h, newest {max_rows} at most"
-        return CurrentWindow(frame=frame.iloc[::-1].reset_index(drop=True), rule=rule, start=start, end=end)
+        embeddings = stored_embeddings(self.database, encoder_id, ids) if encoder_id else {}
+        return CurrentWindow(
+            frame=frame.iloc[::-1].reset_index(drop=True),
+            rule=rule,
+            start=start,
+            end=end,
+            encoder_id=encoder_id,
+            embeddings=embeddings,
+        )

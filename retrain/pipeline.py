@@ -11,6 +11,8 @@ import pandas as pd
 from flywheel.errors import DatasetError
 from flywheel.holdout import GoldenHoldout, HoldoutInfo, content_hash, stratified_split
 from flywheel.registry import TRAINING_DATA_FILE, ModelCard, ModelRegistry, ModelVersion
+from flywheel.runtime import build as build_runtime
+from flywheel.runtime import evaluation_texts
 from flywheel.settings import Settings
 from flywheel.text import dedupe_key
 from retrain.evaluation import Metrics, evaluate
@@ -137,6 +139,12 @@ class TrainingPipeline:
 
         def write(path: Path) -> None:
             result.save(path / "model")
+            s = self.settings
+            checked = evaluation_texts([holdout, validation], train, s.runtime_eval_texts, s.seed)
+            choice = build_runtime(
+                result.classifier(s.max_length), path / "model", checked["text"].tolist(), checked["label"].tolist(), s
+            )
+            card.runtime, card.runtime_evidence = choice.runtime, choice.model_dump()
             train[["text", "label"]].to_parquet(path / TRAINING_DATA_FILE, index=False)
             validation[["text", "label"]].to_parquet(path / VALIDATION_DATA_FILE, index=False)
             (path / "metrics.json").write_text(holdout_metrics.model_dump_json(indent=2))

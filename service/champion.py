@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from flywheel.classifier import Classifier
 from flywheel.metrics import champion_metrics
 from flywheel.registry import ModelRegistry, ModelVersion
+from flywheel.runtime import load_classifier
 from flywheel.settings import Settings
 from service.schemas import ModelInfo, RefusedModel
 
@@ -59,8 +60,8 @@ class ServedModel:
             parent_version=card.parent_version,
             max_length=self.classifier.max_length,
             device=str(self.classifier.device),
-            # Read from the weights: a plain torch module (not a Hugging Face model) has no ``dtype`` attribute.
-            dtype=str(next(self.classifier.model.parameters()).dtype).removeprefix("torch."),
+            dtype=self.classifier.dtype,
+            runtime=self.classifier.runtime,
         )
 
 
@@ -215,7 +216,7 @@ class ChampionWatcher:
     def _load(self, version: str) -> ServedModel:
         started = time.perf_counter()
         entry = self.registry.get(version)
-        classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
+        classifier = load_classifier(entry, self.settings)
         # A first forward pass here, not on a live request, and proof that the model runs before it serves.
         classifier.predict_proba([PROBE_TEXT])
         logger.info("loaded model %s in %.1fs", version, time.perf_counter() - started)

@@ -80,6 +80,8 @@ class ModelInfo(BaseModel):
     max_length: int
     device: str
     dtype: str
+    #: Runtime of the forward passes: torch, onnx or onnx-int8 (see FLYWHEEL_RUNTIME).
+    runtime: str = "torch"
 
 
 class ErrorResponse(BaseModel):

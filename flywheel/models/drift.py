@@ -1,11 +1,11 @@
-"""Tables of drift monitoring: one row per drift report, and the requests drift sent to the review queue."""
+"""Tables of drift monitoring: drift reports, the requests drift sent to the review queue, stored embeddings."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, String
+from sqlalchemy import JSON, LargeBinary, String
 from sqlmodel import Field, SQLModel
 
 from flywheel.database.types import UTCDateTime
@@ -81,3 +81,23 @@ class DriftTargetPublic(DriftTargetBase):
     text: str
     label: str
     confidence: float
+
+
+class PredictionEmbeddingBase(SQLModel):
+    """A logged prediction's text embedded once by the drift encoder, as float16 bytes (``flywheel.encoder``)."""
+
+    #: Deleting the prediction (retention, erasure) deletes its embeddings with it.
+    prediction_id: str = Field(
+        primary_key=True, max_length=64, foreign_key="prediction.prediction_id", ondelete="CASCADE"
+    )
+    #: ``DriftEncoder.encoder_id``: reports read only the embeddings of the encoder they compare with.
+    encoder: str = Field(primary_key=True, max_length=64)
+    dims: int
+    vector: bytes = Field(sa_type=LargeBinary)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class PredictionEmbedding(PredictionEmbeddingBase, table=True):
+    """One row per prediction and drift encoder, written in the background by the ingestion process."""
+
+    __tablename__ = "prediction_embedding"

@@ -33,7 +33,7 @@ class DriftSettings(FlywheelSettings):
         0.6, gt=0, description="Text content drift fires above this domain-classifier ROC AUC."
     )
     drift_embedding_method: str = Field(
-        "model", description="Evidently embedding drift method on the model's sentence embeddings: "
+        "model", description="Evidently embedding drift method on the drift encoder's sentence embeddings: "
         "model (domain classifier ROC AUC), distance, ratio or mmd."
     )
     drift_embedding_threshold: float = Field(
@@ -63,7 +63,12 @@ class DriftSettings(FlywheelSettings):
         0.1, gt=0, description="Predicted-label and feedback-label drift fire above this score."
     )
     drift_embedding_plot_rows: int = Field(
-        500, ge=50, description="Rows per side in the report's t-SNE picture of the embeddings (t-SNE is slow)."
+        250, ge=50, description="Rows per side in the report's two-dimensional picture of the embeddings."
+    )
+    drift_embedding_projection: str = Field(
+        "pca",
+        description="How that picture is drawn: pca (milliseconds), or tsne as Evidently does (seconds to tens of "
+        "seconds on two shared cores, the slowest part of a report); the drift score does not depend on it.",
     )
     drift_min_signals: int = Field(
         1, ge=1, description="The report's verdict is `drifted` when at least this many signals fire."
@@ -81,4 +86,19 @@ class DriftSettings(FlywheelSettings):
     drift_targeted_labels: int = Field(
         50, ge=0, description="On drift, this many of the window's requests least like the reference go to the "
         "front of the review queue; 0 = off."
+    )
+    drift_encoder_max_length: int = Field(
+        128, ge=8, le=4096, description="Tokens per text the drift encoder (the base model, never fine-tuned) reads; "
+        "part of the encoder's identity, so changing it starts a new embedding space."
+    )
+    drift_embed_at_ingest: bool = Field(
+        True, description="`flywheel ingest` embeds each stored prediction once with the drift encoder in a "
+        "background thread, so drift reports read stored embeddings instead of re-embedding the window."
+    )
+    drift_sample_rows: int = Field(
+        4000, ge=200, description="Rows per side (reference, window) the report's tests run on: a seeded sample of "
+        "each side when it is larger, enough for a stable verdict (domain-classifier AUC within about 0.01)."
+    )
+    drift_embed_batch_size: int = Field(
+        64, ge=1, le=4096, description="Texts per batch the background drift embedder encodes and stores."
     )

@@ -26,6 +26,15 @@ class FeedbackSettings(FlywheelSettings):
         description="Feedback requests accepted per minute from each annotator; 0 = no limit. Reviewers and admins "
         "are not limited.",
     )
+    feedback_commit_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Longest a /feedback request waits for concurrent ones to share its database transaction (group "
+        "commit), in milliseconds; it waits only while fewer have joined than were in flight at once before, so a "
+        "lone client never waits. Each is answered 202 only once its transaction has committed; 0 = no waiting (a "
+        "transaction still takes every request that queued while the previous one committed).",
+    )
     feedback_label_issue_threshold: float = Field(
         0.3,
         ge=0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from flywheel.settings.core import FlywheelSettings
@@ -39,6 +41,27 @@ class ServingSettings(FlywheelSettings):
     reload_interval: float = Field(
         2.0, gt=0, description="Seconds between checks of the registry's champion pointer for hot reload."
     )
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="Runtime of the forward passes: auto = the one the model card chose at registration (the "
+        "fastest that keeps macro-F1 and labels, see FLYWHEEL_RUNTIME_*; PyTorch half precision on CUDA); torch, "
+        "onnx or onnx-int8 force one (torch also builds no ONNX variants at registration).",
+    )
+    runtime_max_f1_drop: float = Field(
+        0.005, ge=0, description="Most macro-F1 a runtime variant may lose against PyTorch fp32 to be chosen."
+    )
+    runtime_min_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="Least share of evaluation texts on which a variant's predicted label must equal fp32's.",
+    )
+    runtime_eval_texts: int = Field(
+        500,
+        ge=1,
+        description="Texts runtime variants are measured on at registration: the golden holdout and validation "
+        "rows, topped up with training rows when they are fewer.",
+    )
     log_predictions: bool = Field(True, description="Publish every prediction to the flywheel.predictions topic.")
     admission_max_texts: int | None = Field(
         None,
@@ -48,10 +71,12 @@ class ServingSettings(FlywheelSettings):
         "between FLYWHEEL_ADMISSION_MIN_TEXTS and FLYWHEEL_ADMISSION_CEILING_TEXTS.",
     )
     admission_queue_seconds: float = Field(
-        1.0,
+        0.5,
         gt=0,
         description="Seconds of inference, at the measured throughput, a worker admits ahead of itself (at most "
-        "FLYWHEEL_SERVE_TIMEOUT: more would be answered 504); what an admitted request waits at worst.",
+        "FLYWHEEL_SERVE_TIMEOUT: more would be answered 504); what an admitted request waits at worst. The "
+        "default keeps one batch waiting while one computes: the model never idles, and overload adds no more "
+        "than one batch's time to an admitted request.",
     )
     admission_min_texts: int = Field(
         16,

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import pytest
 
+from flywheel.settings import Settings
 from monitoring.monitor import DriftMonitor
 from monitoring.window import CurrentWindow
 from tests.monitoring.conftest import FINANCE_WORDS, GERMAN_WORDS, same_texts, word_sentences
@@ -121,3 +122,21 @@ def test_prediction_signals_use_only_the_serving_models_rows(
             assert "only 100 predictions" in signal.skipped
     assert summary.performance is not None
     assert summary.performance.rows == 100
+
+
+def test_report_tests_run_on_a_seeded_sample_of_each_side(
+    monitor_settings: Settings, make_window: WindowFactory
+) -> None:
+    sampled = DriftMonitor(monitor_settings.model_copy(update={"drift_sample_rows": 200}))
+    window = make_window(same_texts(300))
+
+    first = sampled.evaluate(window).summary
+    again = sampled.evaluate(window).summary
+
+    assert first.current_rows == 300
+    assert first.reference_rows > 200
+    text = next(s for s in first.signals if s.name == "text_content")
+    assert text.current_rows == 200
+    assert first.verdict == "no_drift", first.message
+    # Seeded: the same window gives the same scores.
+    assert [s.score for s in first.signals] == [s.score for s in again.signals]

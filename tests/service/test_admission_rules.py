@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel.admission import FairBudget, Throughput, sized_limit
+from flywheel.admission import Admission, FairBudget, OverloadedError, Throughput, sized_limit
 from flywheel.broker import EmbeddedBroker
 from tests.conftest import app_client, copy_home, free_port, local_metric
 from tests.service.conftest import FAST_ENV
@@ -46,6 +46,24 @@ def test_an_idle_worker_admits_any_request_however_large() -> None:
     assert not budget.try_take("a", 1)
     budget.give("a", 256)
     assert budget.total == 0 and budget.held("a") == 0
+
+
+def test_retry_after_spreads_a_flood_by_the_demand_refused_not_only_the_work_in_flight() -> None:
+    throughput = Throughput()
+    throughput.observe(30, 1.0)  # 30 texts/s
+    admission = Admission("predict", "texts", lambda: 16, throughput)
+    held = admission.ticket()
+    admission.admit_work(held, "flood", 16)  # the bound is full: one second of work in flight
+    waits = []
+    for _ in range(18):  # a flood of 18 more clients, 8 texts each
+        with pytest.raises(OverloadedError) as refused:
+            admission.admit_work(admission.ticket(), "flood", 8)
+        waits.append(refused.value.retry_after)
+    # The first is told one second, as the work in flight says; later ones are told when the refused demand
+    # ahead of them would be served, so they do not all come back at once.
+    assert waits[0] == 1
+    assert waits == sorted(waits) and waits[-1] == (16 + 18 * 8 + 29) // 30
+    held.release()
 
 
 def test_the_bound_follows_measured_throughput_within_floor_and_ceiling() -> None:

@@ -10,7 +10,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import local_metric
+from flywheel.registry import ModelRegistry
+from tests.conftest import local_metric, settings_from
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +63,15 @@ def test_text_over_the_character_budget_is_cut_before_tokenizing_and_says_so(cli
     assert cut["scores"] == response.json()["predictions"][0]["scores"], "the model read the first 320 characters"
 
 
-def test_model_reports_version_labels_metrics_and_load_time(client: TestClient) -> None:
+def test_model_reports_version_labels_metrics_and_load_time(client: TestClient, service_env: dict[str, str]) -> None:
     info = client.get("/model").json()
     assert info["labels"] == ["negative", "positive"]
     assert 0.0 <= info["holdout_metrics"]["macro_f1"] <= 1.0
     assert datetime.fromisoformat(info["loaded_at"]) >= datetime.fromisoformat(info["created_at"])
-    assert info["device"] == "cpu" and info["dtype"] == "float32"
-    assert info["max_length"] == 32
+    assert info["device"] == "cpu" and info["max_length"] == 32
+    # The worker serves in the runtime the model card chose when the version was registered.
+    assert info["runtime"] == ModelRegistry(settings_from(service_env)).get(info["version"]).card.runtime
+    assert info["dtype"] == ("int8" if info["runtime"] == "onnx-int8" else "float32")
 
 
 def test_concurrent_requests_are_batched_together(client: TestClient) -> None:
