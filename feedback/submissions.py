@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from feedback.store import FeedbackStore
-from flywheel.admission import DeadlineExceededError
+from flywheel.admission import DeadlineExceededError, drop_reason
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
 
 logger = logging.getLogger(__name__)
@@ -154,13 +154,8 @@ class SubmissionQueue:
 
     def _wanted(self, job: _Submission) -> bool:
         """Whether ``job`` is still awaited within its deadline; a job that is not is settled and reported."""
-        # Read from this thread without the loop: a cancelled future stays cancelled, so a stale read only lets the
-        # row be written, and the result is then discarded by ``_resolve``.
-        if job.future.cancelled():
-            reason = "cancelled"
-        elif time.monotonic() > job.deadline:
-            reason = "expired"
-        else:
+        reason = drop_reason(job.future, job.deadline)
+        if reason is None:
             return True
         self._settle([(job, _expired())])
         if self.on_drop is not None:

@@ -20,11 +20,13 @@ its size. A request arriving at an idle worker is always admitted, whatever its 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from flywheel.errors import FlywheelError
 from flywheel.metrics import admission_metrics
@@ -47,6 +49,20 @@ class OverloadedError(FlywheelError):
 
 class DeadlineExceededError(FlywheelError):
     """Admitted work waited past its deadline and was dropped before compute; answered 504."""
+
+
+def drop_reason(future: asyncio.Future[Any], deadline: float) -> str | None:
+    """Why queued work is dropped before it is done: "cancelled" (its request was cancelled: the client left, or
+    the request timed out), "expired" (its ``time.monotonic()`` deadline passed), or None while it is awaited.
+
+    Read from a worker thread without the event loop: a cancelled future stays cancelled, so a stale read only
+    delays the drop to a later check, and a result set after all is discarded where the future is resolved.
+    """
+    if future.cancelled():
+        return "cancelled"
+    if time.monotonic() > deadline:
+        return "expired"
+    return None
 
 
 class Throughput:

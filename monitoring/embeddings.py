@@ -9,19 +9,17 @@ cased encoder would see).
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from flywheel.encoder import STORED_DTYPE, DriftEncoder, from_bytes
-from flywheel.storage import atomic_write
+from flywheel.storage import atomic_write, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +132,8 @@ class ReferenceEmbeddings:
         atomic_write(directory / KEYS_FILE, lambda p: _save_npy(p, keys))
         self._loaded[encoder_id] = (index, vectors)
 
-    @contextmanager
-    def _locked(self, encoder_id: str) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f".{encoder_id}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self, encoder_id: str) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.directory / f".{encoder_id}.lock")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

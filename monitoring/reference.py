@@ -6,13 +6,11 @@ its own (``monitoring.embeddings``), so every version's reference lies in the sa
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from flywheel.classifier import Classifier
 from flywheel.encoder import DriftEncoder
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
-from flywheel.storage import atomic_write, atomic_write_text
+from flywheel.storage import atomic_write, atomic_write_text, file_lock
 from monitoring.embeddings import ReferenceEmbeddings
 from monitoring.errors import MonitoringError
 
@@ -160,14 +158,7 @@ class ReferenceCache:
         logger.info("drift reference of %s built in %.1fs", entry.version, meta.build_seconds)
         return meta, frame
 
-    @contextmanager
-    def _locked(self, version: str) -> Iterator[None]:
+    def _locked(self, version: str) -> contextlib.AbstractContextManager[None]:
         # The scheduler and a manual `flywheel drift run` must not both predict 10,000 texts.
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f".{version}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return file_lock(self.directory / f".{version}.lock")
 

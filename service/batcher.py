@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flywheel.admission import DeadlineExceededError
+from flywheel.admission import DeadlineExceededError, drop_reason
 from flywheel.errors import BadRequestError, FlywheelError
 from service.champion import PROBE_TEXT, ServedModel
 
@@ -176,13 +176,8 @@ class MicroBatcher:
 
     def _wanted(self, job: _Job) -> bool:
         """Whether ``job`` is still awaited within its deadline; a job that is not is settled and reported."""
-        # Read from this thread without the loop: a cancelled future stays cancelled, so a stale read only delays
-        # the drop to a later check, and the result is then discarded by ``_resolve``.
-        if job.future.cancelled():
-            reason = "cancelled"
-        elif time.monotonic() > job.deadline:
-            reason = "expired"
-        else:
+        reason = drop_reason(job.future, job.deadline)
+        if reason is None:
             return True
         expired = DeadlineExceededError("the request waited for inference past its deadline (FLYWHEEL_SERVE_TIMEOUT)")
         self._settle([job], [expired])
