@@ -86,17 +86,16 @@ def build(
     if not isinstance(classifier.model, SentenceClassifier):
         return RuntimeChoice(reason="a network saved before mean-pooled heads is served by PyTorch only")
     cpu = Classifier(classifier.model, classifier.tokenizer, classifier.max_length, device=torch.device("cpu"))
-    reference = _measure(cpu, Runtime.TORCH, texts, labels)
+    reference, truth = _measure(cpu, Runtime.TORCH, texts, labels)
     reference.accepted, reference.reason = True, "reference (fp32)"
     variants = [reference]
-    truth = cpu.predict_proba(texts, batch_size=TIMING_BATCH).probs.argmax(axis=1)
     for runtime in (Runtime.ONNX, Runtime.ONNX_INT8):
         try:
             _export(cpu, model_dir, runtime)
             candidate = Classifier(
                 cpu.model, cpu.tokenizer, cpu.max_length, session=session(model_dir / FILES[runtime]), runtime=runtime
             )
-            evidence = _measure(candidate, runtime, texts, labels, truth)
+            evidence, _ = _measure(candidate, runtime, texts, labels, truth)
         except Exception as exc:  # noqa: BLE001 - any exporter or runtime fault only rules this variant out
             logger.warning("runtime %s not built for %s: %s", runtime.value, model_dir, exc)
             variants.append(VariantEvidence(runtime=runtime.value, reason=f"failed: {type(exc).__name__}: {exc}"[:300]))
@@ -183,7 +182,9 @@ def _verdict(variant: VariantEvidence, reference: VariantEvidence, settings: Set
 
 def _measure(
     classifier: Classifier, runtime: Runtime, texts: list[str], labels: list[str], truth: np.ndarray | None = None
-) -> VariantEvidence:
+) -> tuple[VariantEvidence, np.ndarray]:
+    """The variant's figures on ``texts`` (agreement with ``truth``, the reference's labels, when given) and the
+    label indices it predicted."""
     from sklearn.metrics import f1_score
 
     classifier.predict_proba(texts[:TIMING_BATCH], batch_size=TIMING_BATCH)  # warm-up: first-call allocations
@@ -191,12 +192,13 @@ def _measure(
     predicted = classifier.predict_proba(texts, batch_size=TIMING_BATCH).probs.argmax(axis=1)
     seconds = time.perf_counter() - started
     names = np.asarray(classifier.labels)[predicted]
-    return VariantEvidence(
+    evidence = VariantEvidence(
         runtime=runtime.value,
         macro_f1=round(float(f1_score(labels, names, average="macro", labels=classifier.labels)), 6),
         agreement=None if truth is None else round(float((predicted == truth).mean()), 6),
         texts_per_second=round(len(texts) / seconds, 1),
     )
+    return evidence, predicted
 
 
 class _Outputs(torch.nn.Module):
