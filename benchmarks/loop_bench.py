@@ -34,11 +34,12 @@ from harness import bench_env, classify, run_loop
 from flywheel.database import Database
 from flywheel.logs import configure_logging
 from flywheel.models.access import Role
+from flywheel.models.retrain import RetrainRunPublic
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from retrain.data import load_dataset
 from retrain.evaluation import bootstrap_macro_f1, score
-from retrain.pipeline import TrainingPipeline
+from retrain.pipeline import TrainingPipeline, validation_data
 from retrain.trainer import Trainer
 
 DATA = Path(__file__).parent / "data"
@@ -60,6 +61,8 @@ class Outcome:
     old_interval: tuple[float, float]
     retrain_seconds: float
     chosen: str
+    #: The champion and every candidate the run trained, scored by ``score_candidates``.
+    candidates: list[dict[str, object]]
 
     @property
     def gain(self) -> float:
@@ -80,12 +83,35 @@ def compare(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame, s
     return score(truth, before, labels).macro_f1, score(truth, after, labels).macro_f1, interval
 
 
+def score_candidates(registry: ModelRegistry, run: RetrainRunPublic, champion: ModelVersion,
+                     sets: dict[str, pd.DataFrame]) -> list[dict[str, object]]:
+    """Every candidate a run trained, served or not, and the champion: the gate's figures (held-out feedback slice,
+    golden holdout) beside macro-F1 on each of ``sets``, so that a choice among them can be judged afterwards."""
+    rows: list[dict[str, object]] = []
+    champion_metrics = run.champion_metrics or {}
+    records = [{"name": "champion", "version": champion.version,
+                "feedback_macro_f1": (champion_metrics.get("feedback") or {}).get("macro_f1"),
+                "holdout_macro_f1": champion.card.holdout_metrics.get("macro_f1")}, *(run.candidates or [])]
+    for record in records:
+        if "version" not in record:
+            continue
+        version = registry.get(str(record["version"]))
+        row: dict[str, object] = {"name": record["name"], "slice": record.get("feedback_macro_f1"),
+                                  "holdout": record.get("holdout_macro_f1")}
+        for name, frame in sets.items():
+            predicted = classify(version, frame["text"].tolist())
+            row[name] = score(frame["label"].tolist(), predicted, version.card.labels).macro_f1
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/rotten_tomatoes.csv"))
     parser.add_argument("--champion-rows", type=int, default=2000, help="Movie reviews each champion is trained on.")
     parser.add_argument("--corrections", type=int, default=300, help="New-domain corrections sent as feedback.")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="Run seeds first-seed .. first-seed+seeds-1.")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="Comma-separated: " + ", ".join(DOMAINS))
     parser.add_argument("--flip", type=float, default=0.0, help="Share of correction labels flipped at random.")
     parser.add_argument("--old-domain-rows", type=int, default=OLD_DOMAIN_ROWS,
@@ -99,7 +125,7 @@ def main() -> None:
     domains = {name: pd.read_csv(DOMAINS[name]) for name in args.domains.split(",")}
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory() as scratch:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             base = Path(scratch) / f"champion-{seed}"
             settings = Settings(home=base, torch_threads=args.threads, seed=seed)
             registry = ModelRegistry(settings)
@@ -123,8 +149,11 @@ def main() -> None:
                 new = compare(champion, result.model, held_out, seed)
                 old = compare(champion, result.model, old_domain, seed)
                 chosen = str((result.run.gate_evidence or {}).get("chosen", "-"))
+                sets = {"new": held_out, "old": old_domain, "validation": validation_data(champion)}
+                tried = score_candidates(ModelRegistry(Settings(home=home)), result.run, champion,
+                                         {name: frame for name, frame in sets.items() if frame is not None})
                 outcome = Outcome(seed, name, result.run.status, new[0], new[1], new[2], old[0], old[1], old[2],
-                                  result.seconds, chosen)
+                                  result.seconds, chosen, tried)
                 outcomes.append(outcome)
                 print(f"  {name}: {result.run.status} ({chosen}) — new-domain {outcome.champion_new:.4f} -> "
                       f"{outcome.served_new:.4f}, old-domain {outcome.champion_old:.4f} -> {outcome.served_old:.4f}, "
@@ -142,6 +171,14 @@ def main() -> None:
               f"{o.champion_old:>13.4f} {o.served_old:>7.4f} "
               f"{-o.loss * 100:>+7.2f} [{o.old_interval[0] * 100:+6.2f}, {o.old_interval[1] * 100:+6.2f}] "
               f"{o.retrain_seconds:>9.0f}")
+    print("\nevery candidate: the gate's held-out feedback slice and golden holdout, the champion's validation rows, "
+          "the benchmark's new- and old-domain sets (macro-F1)")
+    print(f"{'seed':>4} {'domain':<9} {'candidate':<9} {'slice':>7} {'holdout':>7} {'valid.':>7} {'new':>7} {'old':>7}")
+    for o in outcomes:
+        for row in o.candidates:
+            cells = " ".join(f"{row[key]:>7.4f}" if isinstance(row.get(key), float) else f"{'-':>7}"
+                             for key in ("slice", "holdout", "validation", "new", "old"))
+            print(f"{o.seed:>4} {o.domain:<9} {row['name']!s:<9} {cells}")
     for name in domains:
         group = [o for o in outcomes if o.domain == name]
         if args.flip:

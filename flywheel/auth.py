@@ -2,8 +2,10 @@
 
 Credentials, in the order they are looked at: ``X-API-Key`` (a principal's key), ``Authorization: Bearer`` (the
 bootstrap admin token), the browser session cookie set by the login page. A wrong or revoked credential is 401;
-the right one without the role is 403. With no keys anywhere, callers are anonymous clients that may also read
-what reviewers read (local development, bound to loopback); once any key exists every protected route needs one.
+the right one without the role is 403; until the principal table has been read, a credential the worker cannot
+check is 503 with ``Retry-After`` (it may be valid). With no keys anywhere, callers are anonymous clients that may
+also read what reviewers read (local development, bound to loopback); once any key exists every protected route
+needs one.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Access:
         if key is not None:
             found = self.principals.by_key(key)
             if found is None:
+                _refuse_while_loading(self.principals)
                 raise _unauthorized(f"API key wrong or revoked: send a valid key in the {API_KEY_HEADER} header")
             return found
         scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
@@ -75,6 +78,7 @@ class Access:
             if caller.may(role, read_only=read_only) and not (caller.anonymous and self.principals.keys_required()):
                 return caller
             if caller.anonymous:
+                _refuse_while_loading(self.principals)
                 raise _unauthorized(
                     f"this needs a {role} key: send it in the {API_KEY_HEADER} header "
                     "(an admin creates keys with `flywheel keys create NAME --role ROLE`)"
@@ -82,6 +86,20 @@ class Access:
             raise HTTPException(403, f"{caller.name} is a {caller.role}; this needs the {role} role")
 
         return check
+
+
+def _refuse_while_loading(principals: Principals) -> None:
+    """503 rather than 401 while the principal table has not been read: the key may be valid, nobody knows yet.
+
+    A worker that has just started (or started during a database outage) must not tell a client its good key is
+    wrong; a 503 with ``Retry-After`` sends the client, or its load balancer, to try again or elsewhere.
+    """
+    if not principals.loaded():
+        raise HTTPException(
+            503,
+            "access control is still loading its keys (the database has not answered yet): retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _unauthorized(message: str) -> HTTPException:

@@ -226,7 +226,10 @@ def broker(
     def _terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGINT too: a process started with SIGINT ignored (as a parent's child may be) would otherwise not stop on
+    # Ctrl-C, since Python installs its KeyboardInterrupt handler only where SIGINT is not ignored at start.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _terminate)
     embedded = EmbeddedBroker(port=port).start()
     typer.echo(
         f"tansu broker on {embedded.bootstrap} with topics created. DEV ONLY: storage is in memory and everything "

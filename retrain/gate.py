@@ -7,11 +7,18 @@ from pydantic import BaseModel
 
 
 class GateScores(BaseModel):
-    """One model's macro-F1 (and per-class F1) on the golden holdout, and macro-F1 on the held-out feedback slice."""
+    """One model's macro-F1 (and per-class F1) on the retained rows, and macro-F1 on the held-out feedback slice.
+
+    The retained rows are the golden holdout plus the champion's validation rows: both old data no version trained
+    on. Two hundred holdout rows cannot see a loss of one point (a lucky holdout made every challenger look worse,
+    an unlucky one hid a real loss); twice the rows halve the variance of what the gate reads.
+    """
 
     holdout_macro_f1: float
     feedback_macro_f1: float
     holdout_class_f1: dict[str, float] = {}
+    #: Rows the holdout figures were measured on.
+    holdout_rows: int = 0
 
 
 class GateLimits(BaseModel):
@@ -43,7 +50,10 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
     """Why the challenger gave up too much of the golden holdout, or None when it kept it."""
     drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
     if drop > limits.max_holdout_drop:
-        return f"golden holdout fell more than {limits.max_holdout_drop:.4f}: {summary(champion, challenger)}"
+        return (
+            f"golden holdout fell more than {limits.max_holdout_drop:.4f} (on {challenger.holdout_rows} rows: the "
+            f"holdout and the champion's validation rows): {summary(champion, challenger)}"
+        )
     for label, before in sorted(champion.holdout_class_f1.items()):
         after = challenger.holdout_class_f1.get(label, 0.0)
         if before - after > limits.max_class_drop:
@@ -76,3 +86,22 @@ def decide(
         promote=True,
         reason=f"better on fresh feedback (interval of the gain [{low:+.4f}, {high:+.4f}]), holdout kept: {text}",
     )
+
+
+def replaces(
+    reference: GateScores, other: GateScores, limits: GateLimits, gain_interval: tuple[float, float]
+) -> str | None:
+    """Why ``other`` does not replace the run's reference candidate, or None when it does.
+
+    The first listed candidate is the run's reference recipe; another one, which pulls harder toward the new labels
+    or starts elsewhere, replaces it only on evidence: surely better on the held-out feedback (the lower end of
+    ``gain_interval``, its paired-bootstrap gain over the reference, above ``min_gain``) while keeping the retained
+    rows against the reference within the gate's limits. Taking the best slice score alone picks the most
+    aggressive recipe whenever the slice cannot tell them apart, and that recipe is the one that forgets.
+    """
+    low, high = gain_interval
+    if low <= limits.min_gain:
+        return f"not surely better than the reference on fresh feedback (interval of the gain [{low:+.4f}, " \
+            f"{high:+.4f}])"
+    forgot = keeps_holdout(reference, other, limits)
+    return None if forgot is None else f"against the reference, {forgot}"

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sqlmodel import col, select
 
 from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.events import utcnow
+from flywheel.holdout import GoldenHoldout
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
@@ -22,7 +24,7 @@ from flywheel.settings import Settings
 from retrain.candidates import Candidate, Start, candidates
 from retrain.dataset import RetrainData, assemble
 from retrain.evaluation import Metrics, bootstrap_macro_f1, predictions, score
-from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, summary
+from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces, summary
 from retrain.lease import RetrainLock
 from retrain.pipeline import TrainingPipeline
 from retrain.promotion import Promoter, RunNotFoundError, starting_point
@@ -195,10 +197,11 @@ class RetrainRunner:
             max_holdout_drop=self.settings.retrain_max_holdout_drop,
             max_class_drop=self.settings.retrain_max_class_drop,
         )
-        champion_scored = self._score(champion, data)
+        retained = retained_rows(self.settings, data)
+        champion_scored = self._score(champion, data, retained)
         self._update(run_id, champion_metrics=champion_scored.metrics)
-        tried = self._train_candidates(
-            run_id, champion, data, champion_scored=champion_scored, limits=limits, started=started
+        tried, records = self._train_candidates(
+            run_id, champion, data, retained, champion_scored=champion_scored, limits=limits, started=started
         )
         allowed = [scored for scored in tried if scored.refused is None]
         if not allowed:
@@ -206,16 +209,9 @@ class RetrainRunner:
             self._finish(run_id, RunStatus.REJECTED, f"no candidate kept the golden holdout — {reasons}"[:1000]
                          + self._cap_note(data), started)
             return
-        # The best on held-out feedback among those that kept the holdout; the first listed wins a tie.
-        best = max(allowed, key=lambda scored: (scored.scores.feedback_macro_f1, -tried.index(scored)))
-        interval = bootstrap_macro_f1(
-            data.feedback_eval["label"].tolist(),
-            best.predicted,
-            champion.card.labels,
-            baseline=champion_scored.predicted,
-            confidence=self.settings.retrain_gain_confidence,
-            seed=self.settings.seed,
-        )
+        best = self._choose(allowed, data, limits, records)
+        self._update(run_id, candidates=records)
+        interval = self._gain(best, champion_scored, data)
         decision = decide(champion_scored.scores, best.scores, limits, interval)
         evidence = {
             "feedback_eval_rows": len(data.feedback_eval),
@@ -242,16 +238,49 @@ class RetrainRunner:
             started=started,
         )
 
+    def _gain(self, scored: Scored, baseline: Scored, data: RetrainData) -> tuple[float, float]:
+        """Paired-bootstrap interval of ``scored``'s held-out feedback macro-F1 minus ``baseline``'s."""
+        return bootstrap_macro_f1(
+            data.feedback_eval["label"].tolist(),
+            scored.predicted,
+            baseline.version.card.labels,
+            baseline=baseline.predicted,
+            confidence=self.settings.retrain_gain_confidence,
+            seed=self.settings.seed,
+        )
+
+    def _choose(
+        self,
+        allowed: list[Scored],
+        data: RetrainData,
+        limits: GateLimits,
+        records: list[dict[str, Any]],
+    ) -> Scored:
+        """The first listed candidate that kept the holdout, unless another is surely better on held-out feedback and
+        keeps the retained rows against it (``retrain.gate.replaces``); the best of those on the feedback then."""
+        reference, better = allowed[0], []
+        for scored in allowed[1:]:
+            # The feedback gain is paired on the same rows; the retained rows are judged as a champion's would be.
+            why = replaces(reference.scores, scored.scores, limits, self._gain(scored, reference, data))
+            note = {"versus": reference.name, "replaces": why is None, "why_not": why}
+            next(record for record in records if record.get("name") == scored.name).update(note)
+            if why is None:
+                better.append(scored)
+        logger.info("retrain candidates: reference %s, %d of %d others surely better and as retentive",
+                    reference.name, len(better), len(allowed) - 1)
+        return max(better, key=lambda scored: scored.scores.feedback_macro_f1) if better else reference
+
     def _train_candidates(
         self,
         run_id: str,
         champion: ModelVersion,
         data: RetrainData,
+        retained: pd.DataFrame,
         *,
         champion_scored: Scored,
         limits: GateLimits,
         started: float,
-    ) -> list[Scored]:
+    ) -> tuple[list[Scored], list[dict[str, Any]]]:
         """Train each candidate of the grid within the time budget; record every one in the run as it finishes."""
         budget = self.settings.retrain_time_budget_minutes * 60
         tried: list[Scored] = []
@@ -265,7 +294,7 @@ class RetrainRunner:
                 continue
             began = time.monotonic()
             version = self._train(champion, data, candidate)
-            scored = self._score(version, data, name=candidate.name)
+            scored = self._score(version, data, retained, name=candidate.name)
             scored.refused = keeps_holdout(champion_scored.scores, scored.scores, limits)
             seconds = time.monotonic() - began
             longest = max(longest, seconds)
@@ -279,13 +308,14 @@ class RetrainRunner:
                 "weight_interpolation": version.card.weight_interpolation,
                 "holdout_macro_f1": scored.scores.holdout_macro_f1,
                 "holdout_class_f1": scored.scores.holdout_class_f1,
+                "holdout_rows": scored.scores.holdout_rows,
                 "feedback_macro_f1": scored.scores.feedback_macro_f1,
                 "refused": scored.refused,
             })
             self._update(run_id, candidates=list(records))
             logger.info("retrain run %s: candidate %s %s", run_id, candidate.name, summary(
                 champion_scored.scores, scored.scores))
-        return tried
+        return tried, records
 
     def _skip_reason(self, data: RetrainData) -> str | None:
         """Why the gate could not judge a challenger on ``data``, or None when it can."""
@@ -327,16 +357,34 @@ class RetrainRunner:
         )
         return outcome.version
 
-    def _score(self, version: ModelVersion, data: RetrainData, name: str = "champion") -> Scored:
+    def _score(
+        self, version: ModelVersion, data: RetrainData, retained: pd.DataFrame, name: str = "champion"
+    ) -> Scored:
         classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
         holdout = Metrics.model_validate(version.card.holdout_metrics)
         predicted = predictions(classifier, data.feedback_eval["text"].tolist())
         feedback = score(data.feedback_eval["label"].tolist(), predicted, version.card.labels)
+        kept = predictions(classifier, retained["text"].tolist())
+        retention = score(retained["label"].tolist(), kept, version.card.labels)
         scores = GateScores(
-            holdout_macro_f1=holdout.macro_f1,
+            holdout_macro_f1=retention.macro_f1,
             feedback_macro_f1=feedback.macro_f1,
-            holdout_class_f1={label: m.f1 for label, m in holdout.per_class.items()},
+            holdout_class_f1={label: m.f1 for label, m in retention.per_class.items()},
+            holdout_rows=retention.rows,
         )
-        metrics = {"version": version.version, "holdout": holdout.model_dump(), "feedback": feedback.model_dump()}
+        metrics = {
+            "version": version.version,
+            "holdout": holdout.model_dump(),
+            "retained": retention.model_dump(),
+            "feedback": feedback.model_dump(),
+        }
         return Scored(name, version, scores, metrics, predicted)
 
+
+def retained_rows(settings: Settings, data: RetrainData) -> pd.DataFrame:
+    """Old rows no version trained on, to measure what a challenger forgot: the golden holdout and the champion's
+    validation rows (which chose the candidates' checkpoints, so they flatter them slightly)."""
+    frames = [GoldenHoldout(settings.home / "holdout").load()[["text", "label"]]]
+    if data.validation is not None:
+        frames.append(data.validation.loc[data.validation["group"] == "original", ["text", "label"]])
+    return pd.concat(frames, ignore_index=True)

@@ -234,7 +234,12 @@ class Trainer:
 
         check(float("nan"))
         assert best is not None  # the check before the first step always records one
-        initial = best[1]
+        initial, start = best[1], best
+        if not (fresh_head or probed):
+            # A warm start's first check is the champion itself, which the gate compares against anyway: kept, it
+            # makes a candidate that learned nothing (noisy early checks on a few new rows can stop training before
+            # any step beats it). Only trained checkpoints compete; the blends below still move back toward it.
+            best = None
         probe_f1 = history[0]["val_macro_f1"] if probed else None
         bar = tqdm(total=plan.total_steps, desc="training", unit="step", disable=not self.progress)
         running_loss, window = 0.0, 0
@@ -285,6 +290,7 @@ class Trainer:
         finally:
             bar.close()
 
+        best = best or start  # no step was taken (a stop before the first one)
         model.load_state_dict(best[1])
         blend = 1.0
         if not fresh_head and s.weight_interpolation and best[1] is not initial:

@@ -82,10 +82,15 @@ class RetrainSettings(FlywheelSettings):
         "one-sided 95% bound).",
     )
     retrain_max_holdout_drop: float = Field(
-        0.01, ge=0, description="Most golden-holdout macro-F1 a challenger may lose against the champion (0.01 = 1 pt)."
+        0.01,
+        ge=0,
+        description="Most macro-F1 on the retained rows (the golden holdout plus the champion's validation rows) a "
+        "challenger may lose against the champion, and another candidate against the run's reference (0.01 = 1 pt).",
     )
     retrain_max_class_drop: float = Field(
-        0.03, ge=0, description="Most golden-holdout F1 any one class may lose against the champion (0.03 = 3 pts)."
+        0.03,
+        ge=0,
+        description="Most F1 on the retained rows any one class may lose against the champion (0.03 = 3 pts).",
     )
     retrain_lease_seconds: float = Field(
         120.0, gt=0, description="Retrain lock lease; a worker that stops renewing it is presumed dead after this long."

@@ -57,6 +57,8 @@ def test_loop_bench_scores_a_retrain_on_a_new_domain(bench: dict[str, str]) -> N
               "--old-domain-rows", "200", "--domains", "support")
     assert "support: mean gain" in out and "seeds meet" in out, out
     assert "old domain: 200 movie reviews" in out
+    # Every candidate the run trained, beside the champion, on the gate's sets and the benchmark's.
+    assert "every candidate:" in out and "   0 support   champion " in out, out
 
 
 def test_active_bench_compares_the_queue_with_random_order(bench: dict[str, str]) -> None:

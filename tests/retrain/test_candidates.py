@@ -10,7 +10,7 @@ from feedback.store import FeedbackStore
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RunStatus, RunTrigger
 from retrain.dataset import assemble
-from retrain.gate import GateLimits, GateScores, decide, keeps_holdout
+from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces
 from retrain.pipeline import validation_data
 from retrain.runner import RetrainRunner
 from tests.retrain.conftest import label, trust
@@ -64,8 +64,14 @@ def test_a_run_trains_each_candidate_records_them_and_the_gate_takes_the_best(
     rates = {c["name"]: c["learning_rate"] for c in run.candidates}
     assert rates["gentle"] == pytest.approx(rates["warm"] / 2) and run.candidates[2]["start"] == "probe"
     allowed = [c for c in run.candidates if c["refused"] is None]
-    best = max(allowed, key=lambda c: c["feedback_macro_f1"])
+    # The first listed candidate that kept the holdout is the reference; another replaces it only on evidence, and
+    # the record says, for each, whether and why not.
+    reference, others = allowed[0], allowed[1:]
+    assert all(c["versus"] == reference["name"] and (c["why_not"] is None) == c["replaces"] for c in others)
+    better = [c for c in others if c["replaces"]]
+    best = max(better, key=lambda c: c["feedback_macro_f1"]) if better else reference
     assert run.challenger_version == best["version"] == grid.registry.champion()
+    assert all(c["holdout_rows"] > 0 for c in allowed)
     evidence = run.gate_evidence or {}
     assert evidence["chosen"] == best["name"] and evidence["feedback_eval_rows"] == run.feedback_eval_rows
     low, high = evidence["gain_interval"]
@@ -91,3 +97,18 @@ def test_no_class_may_lose_more_than_its_allowance_on_the_holdout() -> None:
     assert refused is not None and refused.startswith("holdout F1 of class 'neg' fell 0.8500 -> 0.8000")
     assert not decide(champion, shifted, limits, (0.1, 0.3)).promote
     assert keeps_holdout(champion, shifted, limits.model_copy(update={"max_class_drop": 0.06})) is None
+
+
+def test_another_recipe_replaces_the_reference_only_when_surely_better_and_as_retentive() -> None:
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
+    reference = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.80, holdout_class_f1={"a": 0.8, "b": 0.8})
+    # Better on the slice by a margin the slice resolves, retained rows kept: it replaces the reference.
+    learned = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.88, holdout_class_f1={"a": 0.8, "b": 0.8})
+    assert replaces(reference, learned, limits, (0.02, 0.14)) is None
+    # A higher slice score the slice cannot tell from noise keeps the reference.
+    unsure = replaces(reference, learned, limits, (-0.01, 0.15))
+    assert unsure is not None and unsure.startswith("not surely better than the reference")
+    # Surely better on the new labels, but it forgot two points of the old rows the reference kept.
+    forgetful = GateScores(holdout_macro_f1=0.78, feedback_macro_f1=0.90, holdout_class_f1={"a": 0.78, "b": 0.78})
+    forgot = replaces(reference, forgetful, limits, (0.03, 0.17))
+    assert forgot is not None and "against the reference, golden holdout fell more than 0.0100" in forgot

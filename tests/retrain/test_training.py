@@ -161,13 +161,37 @@ def test_a_warm_start_keeps_a_blend_with_its_starting_weights_only_when_it_valid
 
     training = warm.training
     blends = [h for h in training.history if "alpha" in h]
-    tuned = max(h["val_macro_f1"] for h in training.history if "alpha" not in h)
-    if tuned > training.history[0]["val_macro_f1"]:
-        assert [h["alpha"] for h in blends] == [0.5, 0.75]
+    # The first check is the starting weights (the champion's): only trained checkpoints compete, then the blends.
+    tuned = max(h["val_macro_f1"] for h in training.history[1:] if "alpha" not in h)
+    assert [h["alpha"] for h in blends] == [0.5, 0.75]
     kept = {1.0: tuned, **{h["alpha"]: h["val_macro_f1"] for h in blends}}
     assert training.validation.macro_f1 == max(kept.values()) == kept[training.weight_interpolation]
     assert warm.version.card.weight_interpolation == training.weight_interpolation
     assert warm.version.card.hyperparameters["weight_interpolation"] == [0.5, 0.75]
+
+
+def test_a_warm_start_learns_even_when_no_trained_check_beats_its_start(settings: Settings) -> None:
+    first = TrainingPipeline(settings, ModelRegistry(settings), Trainer(settings, progress=False)).run(
+        synthetic_sentiment(400)
+    )
+    champion = Classifier.load(first.version.model_dir, max_length=first.version.card.max_length)
+    data = synthetic_sentiment(300, seed=5)
+    guessed = champion.predict_proba(data["text"].tolist()).probs.argmax(axis=1)
+    right = data[[champion.labels[i] == label for i, label in zip(guessed, data["label"], strict=True)]]
+    # Validation rows the champion gets all right: no trained check can beat the first one (the champion itself).
+    validation, train = right.iloc[:60], data.drop(index=right.index[:60])
+    assert validation["label"].nunique() == 2
+    strict = settings.model_copy(update={"patience": 0, "evaluations": 20, "weight_interpolation": []})
+
+    result = Trainer(strict, progress=False).train(
+        train, validation, first.version.card.labels, str(first.version.model_dir)
+    )
+
+    # Keeping the first check would return the champion unchanged, a candidate that learned nothing.
+    assert result.history[0]["val_macro_f1"] == 1.0 and result.steps_run > 0
+    texts = data["text"].tolist()[:20]
+    tuned = result.classifier(first.version.card.max_length).predict_proba(texts).probs
+    assert not (champion.predict_proba(texts).probs == tuned).all()
 
 
 def test_blending_takes_shares_of_the_fine_tuned_weights_between_zero_and_one() -> None:

@@ -79,11 +79,17 @@ def test_ready_only_with_the_database_then_an_outage_keeps_predictions_in_rotati
                 assert starting.json()["components"]["database"]["up"] is False
                 assert http.post("/predict", json={"text": "still serving"}).status_code == 200
                 assert http.post("/feedback", json=FEEDBACK).status_code == 503
+                # A key the worker cannot check yet, or none, is "retry shortly", never "your key is wrong".
+                for headers in ({"X-API-Key": "a-key-stored-in-the-database"}, {"X-API-Key": ""}):
+                    unknown = http.post("/predict", json={"text": "whose key?"}, headers=headers)
+                    assert unknown.status_code == 503 and unknown.headers["Retry-After"] == "1", unknown.text
+                    assert "loading its keys" in unknown.json()["detail"]
 
                 proxy.start()
                 wait_until(lambda: http.get("/readyz").status_code == 200, timeout=60, what="readiness")
                 # Ready means every route the README walks through answers on the first try.
                 assert http.post("/feedback", json=FEEDBACK).status_code == 202
+                assert http.post("/predict", json={"text": "x"}, headers={"X-API-Key": "wrong"}).status_code == 401
                 # Reviewer reads need a reviewer: a client key is refused (403), not failed (5xx).
                 assert http.get("/review").status_code == 403
                 assert http.get("/drift").status_code == 403
