@@ -198,6 +198,10 @@ class Principals:
         """Whether the principal table has been read at least once."""
         return self._loaded.is_set()
 
+    def wait_loaded(self, timeout: float) -> bool:
+        """Block until the table has been read once or ``timeout`` seconds passed; whether it was read."""
+        return self._loaded.wait(timeout)
+
     def refresh(self) -> None:
         """Reload the principal table now."""
         try:

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Connections of the worker's one database pool: the feedback routes' threads plus the other routes' few.
 DATABASE_POOL_SIZE = 8
+#: Longest a starting worker waits for its first read of the principal table before it takes connections.
+KEYS_WAIT_SECONDS = 10.0
 
 #: Worker process environment (the caller's values win). Spinning OpenMP threads and the tokenizer's own thread
 #: pool would take the cores the event loop and the other torch threads need: measured several times slower on
@@ -98,6 +100,12 @@ class TextClassifier:
         self.database = BackgroundDatabase(self.settings, pool_size=DATABASE_POOL_SIZE).start()
         self.serving = ModelServer(self.settings, ModelRegistry(self.settings), service_metrics()).start()
         self.principals = Principals(self.settings, self.database).start()
+        # A worker takes connections once this returns; with several workers on one socket, /readyz proves only the
+        # one that answered it, so each waits (bounded: a database outage at start must not keep /predict down) for
+        # its keys rather than answer "retry shortly" to callers another worker would serve.
+        if not self.principals.wait_loaded(KEYS_WAIT_SECONDS):
+            logger.warning("keys not loaded after %.0f s (database unreachable?); serving, keys load later",
+                           KEYS_WAIT_SECONDS)
         self.probe = DatabaseProbe(self.database).start()
         self.readiness = Readiness(
             self.serving, self.publisher, self.probe, self.serving.watcher.alive, self.principals.loaded
