@@ -20,7 +20,6 @@ disconnected, or the request timed out) is skipped, and one whose deadline passe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -34,7 +33,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from feedback.store import FeedbackStore
-from flywheel.admission import DeadlineExceededError, drop_reason
+from flywheel.admission import DeadlineExceededError, drop_reason, hand_over
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic
 
 logger = logging.getLogger(__name__)
@@ -208,27 +207,8 @@ class SubmissionQueue:
     def _settle(self, pairs: list[tuple[_Submission, Outcome]]) -> None:
         with self._changed:
             self._outstanding -= len(pairs)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Submission, Outcome]]] = {}
-        for job, outcome in pairs:
-            by_loop.setdefault(job.loop, []).append((job, outcome))
-        for loop, answers in by_loop.items():
-            if loop.is_closed():
-                continue  # the server is shutting down; nobody awaits these any more
-            # One wake-up of the event loop per transaction, not per request. A loop closed since the check above
-            # has nobody waiting either.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, answers)
+        hand_over((job.loop, job.future, outcome) for job, outcome in pairs)
 
 
 def _expired() -> DeadlineExceededError:
     return DeadlineExceededError("the request waited for the database past its deadline (FLYWHEEL_SERVE_TIMEOUT)")
-
-
-def _resolve(answers: list[tuple[_Submission, Outcome]]) -> None:
-    for job, outcome in answers:
-        if job.future.done():
-            continue  # the client went away and the request was cancelled
-        if isinstance(outcome, BaseException):
-            job.future.set_exception(outcome)
-        else:
-            job.future.set_result(outcome)

@@ -21,11 +21,12 @@ its size. A request arriving at an idle worker is always admitted, whatever its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flywheel.errors import FlywheelError
@@ -63,6 +64,30 @@ def drop_reason(future: asyncio.Future[Any], deadline: float) -> str | None:
     if time.monotonic() > deadline:
         return "expired"
     return None
+
+
+def hand_over(outcomes: Iterable[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Any]]) -> None:
+    """From a worker thread, resolve each future on its loop with its outcome (an exception is raised to its
+    awaiter): one wake-up of each event loop per batch, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for loop, future, outcome in outcomes:
+        by_loop.setdefault(loop, []).append((future, outcome))
+    for loop, answers in by_loop.items():
+        if loop.is_closed():
+            continue  # the server is shutting down; nobody awaits these any more
+        # A loop closed since the check above has nobody waiting either.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, answers)
+
+
+def _resolve(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in answers:
+        if future.done():
+            continue  # the client went away and the request was cancelled
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class Throughput:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flywheel.admission import DeadlineExceededError, drop_reason
+from flywheel.admission import DeadlineExceededError, drop_reason, hand_over
 from flywheel.errors import BadRequestError, FlywheelError
 from service.champion import PROBE_TEXT, ServedModel
 
@@ -280,25 +280,8 @@ class MicroBatcher:
     def _settle(self, jobs: list[_Job], results: list[BatchResult | BaseException]) -> None:
         with self._lock:
             self._outstanding -= len(jobs)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, BatchResult | BaseException]]] = {}
-        for job, result in zip(jobs, results, strict=True):
-            by_loop.setdefault(job.loop, []).append((job, result))
-        for loop, pairs in by_loop.items():
-            if loop.is_closed():
-                continue  # the server is shutting down; nobody awaits these any more
-            # One wake-up of the event loop per batch, not per request.
-            loop.call_soon_threadsafe(_resolve, pairs)
+        hand_over((job.loop, job.future, result) for job, result in zip(jobs, results, strict=True))
 
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS]
-
-
-def _resolve(pairs: list[tuple[_Job, BatchResult | BaseException]]) -> None:
-    for job, result in pairs:
-        if job.future.done():
-            continue  # the client went away and the request was cancelled
-        if isinstance(result, BaseException):
-            job.future.set_exception(result)
-        else:
-            job.future.set_result(result)
