@@ -12,6 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 1034 flywheel \
     && useradd --uid 1034 --gid 1034 --create-home --home-dir /home/flywheel --shell /usr/sbin/nologin flywheel
 
+# WordNet's data files: the thesaurus of synonym augmentation (FLYWHEEL_AUGMENT=synonym), offline.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends wordnet-base \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 
 # Dependencies first, against empty packages, so a code change does not reinstall torch.

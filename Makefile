@@ -9,12 +9,13 @@ BENCH ?= serve
 
 .PHONY: install test lint up bench
 
-install: $(INSTALLED)  ## Virtualenv with Flywheel and its dev tools, plus Debian's chromium for the browser test.
+install: $(INSTALLED)  ## Virtualenv with Flywheel and its dev tools, plus Debian's chromium (the browser test) and wordnet-base (the thesaurus of synonym augmentation).
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --upgrade pip; }
 	$(BIN)/pip install -e ".[dev]"
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
+	test -f /usr/share/wordnet/index.noun || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base; }
 	touch $@
 
 lint: $(INSTALLED)  ## ruff, mypy and the import-layers contract, configured in pyproject.toml.

@@ -68,10 +68,36 @@ def bench_env(home: Path, threads: int) -> dict[str, str]:
     }
 
 
+def log_traffic(database: Database, settings: Settings, texts: list[str]) -> None:
+    """Store the champion's predictions on ``texts`` as `flywheel ingest` stores the traffic the service logged
+    (the loop benchmarks run without a broker)."""
+    from feedback.prediction_rows import prediction_row
+    from feedback.store import FeedbackStore
+    from flywheel.events import PredictionEvent, new_id, utcnow
+
+    champion = ModelRegistry(settings).champion_version()
+    classifier = Classifier.load(champion.model_dir, max_length=champion.card.max_length, version=champion.version)
+    rows = []
+    for text, probs in zip(texts, classifier.predict_proba(texts).probs, strict=True):
+        scores = {label: round(float(p), 6) for label, p in zip(classifier.labels, probs, strict=True)}
+        label = max(scores, key=lambda name: scores[name])
+        event = PredictionEvent(prediction_id=new_id(), model_version=champion.version, text=text, label=label,
+                                confidence=scores[label], scores=scores, latency_ms=0.0)
+        rows.append(prediction_row(event, utcnow()))
+    FeedbackStore(database, settings).ingest(rows)
+
+
 def run_loop(
-    home: Path, env: dict[str, str], batches: list[Batch], trusted: tuple[str, ...] = ("annotator",)
+    home: Path,
+    env: dict[str, str],
+    batches: list[Batch],
+    trusted: tuple[str, ...] = ("annotator",),
+    traffic: list[str] | None = None,
 ) -> LoopResult:
-    """Keys, labels over HTTP, trust for ``trusted``, vetting, one retrain; what was accepted and which model won."""
+    """Keys, labels over HTTP, trust for ``trusted``, vetting, one retrain; what was accepted and which model won.
+
+    ``traffic``: texts the champion served without labels before the retrain (what self-training reads).
+    """
     from tests.conftest import run_cli, running_service
 
     settings = Settings(home=home)
@@ -85,6 +111,8 @@ def run_loop(
     with running_service(env) as url:
         for name, _, rows in batches:
             post_labels(url, keys[name], rows)
+    if traffic:
+        log_traffic(database, settings, traffic)
     vetted = run_cli(env, "feedback", "vet")
     if vetted.returncode != 0:
         raise SystemExit(f"flywheel feedback vet failed: {vetted.stderr}")

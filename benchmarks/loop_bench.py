@@ -15,6 +15,16 @@ champion on either set.
 
     python benchmarks/loop_bench.py --data ../shared/data/rotten_tomatoes.csv --seeds 3
     python benchmarks/loop_bench.py --data ../shared/data/rotten_tomatoes.csv --seeds 3 --flip 0.3
+
+`--task intents` and `--task finance3` run the same loop on one of the hand-written N-label sets in benchmarks/data
+(support_intents.csv: ten customer-service intents; finance_headlines.csv: positive / neutral / negative headlines).
+Per seed the set is split, stratified by label, into the champion's part (35%), corrections (40%, at most
+--corrections) and the held-out test (the rest, never trained on); reported are macro-F1 and per-class F1 of the
+champion and of the served model on the held-out rows with the gain per class, the gate's decision and its per-class
+lines from the run record. With no second domain, "old domain" there is the champion's own golden holdout.
+
+    python benchmarks/loop_bench.py --task finance3 --seeds 1
+    python benchmarks/loop_bench.py --task intents --seeds 3
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +42,7 @@ import pandas as pd
 from harness import bench_env, classify, run_loop
 
 from flywheel.database import Database
+from flywheel.holdout import GoldenHoldout, stratified_split
 from flywheel.logs import configure_logging
 from flywheel.models.access import Role
 from flywheel.models.retrain import RetrainRunPublic
@@ -44,6 +55,9 @@ from retrain.trainer import Trainer
 
 DATA = Path(__file__).parent / "data"
 DOMAINS = {"products": DATA / "product_reviews.csv", "support": DATA / "support_tickets.csv"}
+#: The hand-written N-label sets of ``--task``; each is split into champion rows, corrections and held-out rows.
+TASKS = {"intents": DATA / "support_intents.csv", "finance3": DATA / "finance_headlines.csv"}
+CHAMPION_SHARE, CORRECTION_SHARE = 0.35, 0.40
 OLD_DOMAIN_ROWS = 2000
 FLIPPED = {"positive": "negative", "negative": "positive"}
 
@@ -105,9 +119,138 @@ def score_candidates(registry: ModelRegistry, run: RetrainRunPublic, champion: M
     return rows
 
 
+@dataclass
+class TaskOutcome:
+    """One seed of an N-label task: held-out and golden-holdout scores of both models, the gate, wall times."""
+
+    seed: int
+    status: str
+    chosen: str
+    reason: str
+    champion_new: float
+    served_new: float
+    new_interval: tuple[float, float]
+    champion_old: float
+    served_old: float
+    old_interval: tuple[float, float]
+    #: Per-class F1 on the held-out rows: label -> (champion, served).
+    classes: dict[str, tuple[float, float]]
+    champion_seconds: float
+    loop_seconds: float
+    retrain_seconds: float
+    gate_lines: list[str] = field(default_factory=list)
+
+
+def split_task(frame: pd.DataFrame, seed: int, cap: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Champion rows, corrections and held-out rows of a shipped set, each stratified by label, none overlapping."""
+    rest, champion = stratified_split(frame, CHAMPION_SHARE, seed, "champion")
+    corrections_n = min(round(len(frame) * CORRECTION_SHARE), cap)
+    held_out, corrections = stratified_split(rest, corrections_n / len(rest), seed, "corrections")
+    return champion, corrections, held_out
+
+
+def per_class_f1(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Each label's F1 on ``frame`` for the champion and the served model."""
+    truth, labels = frame["label"].tolist(), champion.card.labels
+    before = score(truth, classify(champion, frame["text"].tolist()), labels)
+    after = before if served.version == champion.version else score(
+        truth, classify(served, frame["text"].tolist()), labels)
+    return {label: (before.per_class[label].f1, after.per_class[label].f1) for label in labels}
+
+
+def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
+    """The run record's per-class gate figures: each candidate's F1 per class on the retained rows against the
+    champion's, and whether the drop exceeds the gate's per-class limit."""
+    retained = ((run.champion_metrics or {}).get("retained") or {}).get("per_class") or {}
+    champion = {label: float(m["f1"]) for label, m in retained.items()}
+    lines = []
+    for record in run.candidates or []:
+        classes = record.get("holdout_class_f1") or {}
+        cells = []
+        for label, before in sorted(champion.items()):
+            after = float(classes.get(label, 0.0))
+            mark = " REFUSED" if before - after > max_class_drop else ""
+            cells.append(f"{label} {before:.3f}->{after:.3f} ({(after - before) * 100:+.1f}){mark}")
+        kept = record.get("refused") or "kept (holdout and every class within the limits)"
+        lines.append(f"{record.get('name')!s:<6} on {record.get('holdout_rows', '?')} retained rows: "
+                     + ", ".join(cells) + f"; retained-rows check: {kept}")
+    return lines
+
+
+def run_task(args: argparse.Namespace) -> None:
+    """The loop on one shipped N-label set, once per seed; then the table of gains per class."""
+    frame = pd.read_csv(TASKS[args.task])[["text", "label"]]
+    outcomes: list[TaskOutcome] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            rows, corrections, held_out = split_task(frame, seed, args.corrections)
+            base, home = Path(scratch) / f"champion-{seed}", Path(scratch) / f"{args.task}-{seed}"
+            settings = Settings(home=base, torch_threads=args.threads, seed=seed)
+            registry = ModelRegistry(settings)
+            started = time.monotonic()
+            TrainingPipeline(settings, registry, Trainer(settings, progress=False)).run(rows)
+            champion_seconds = time.monotonic() - started
+            Database.from_settings(settings).upgrade().dispose()
+            champion = registry.champion_version()
+            golden = GoldenHoldout(base / "holdout").load()[["text", "label"]]
+            print(f"seed {seed}: champion on {len(rows)} rows of {TASKS[args.task].name} ({len(golden)} of them its "
+                  f"golden holdout), trained in {champion_seconds:.0f} s; {len(corrections)} corrections, "
+                  f"{len(held_out)} held-out rows", flush=True)
+            shutil.copytree(base, home)
+            env = {**bench_env(home, args.threads), "FLYWHEEL_SEED": str(seed)}
+            started = time.monotonic()
+            result = run_loop(home, env, [("annotator", Role.ANNOTATOR, corrections)])
+            loop_seconds = time.monotonic() - started
+            new = compare(champion, result.model, held_out, seed)
+            old = compare(champion, result.model, golden, seed)
+            chosen = str((result.run.gate_evidence or {}).get("chosen", "-"))
+            outcome = TaskOutcome(
+                seed, result.run.status, chosen, result.run.reason or "", new[0], new[1], new[2], old[0], old[1],
+                old[2], per_class_f1(champion, result.model, held_out), champion_seconds, loop_seconds,
+                result.seconds, gate_lines(result.run, Settings(home=home).retrain_max_class_drop))
+            outcomes.append(outcome)
+            print(f"  {result.run.status} ({chosen}) — held-out macro-F1 {outcome.champion_new:.4f} -> "
+                  f"{outcome.served_new:.4f}, golden holdout {outcome.champion_old:.4f} -> {outcome.served_old:.4f}; "
+                  f"loop {loop_seconds:.0f} s, retrain {result.seconds:.0f} s; {outcome.reason}", flush=True)
+
+    print(f"\ntask {args.task}: held-out = rows never trained on; old domain = the champion's own golden holdout "
+          "(no second domain exists for this task)")
+    print(f"{'seed':>4} {'decision':<9} {'chosen':<7} {'held-out: champion':>18} {'served':>7} "
+          f"{'gain pts (95% CI)':>24} {'golden: champion':>16} {'served':>7} {'change pts (95% CI)':>24} "
+          f"{'champion s':>10} {'loop s':>6} {'retrain s':>9}")
+    for o in outcomes:
+        print(f"{o.seed:>4} {o.status:<9} {o.chosen:<7} {o.champion_new:>18.4f} {o.served_new:>7.4f} "
+              f"{(o.served_new - o.champion_new) * 100:>+7.2f} [{o.new_interval[0] * 100:+6.2f}, "
+              f"{o.new_interval[1] * 100:+6.2f}] {o.champion_old:>16.4f} {o.served_old:>7.4f} "
+              f"{(o.served_old - o.champion_old) * 100:>+7.2f} [{o.old_interval[0] * 100:+6.2f}, "
+              f"{o.old_interval[1] * 100:+6.2f}] {o.champion_seconds:>10.0f} {o.loop_seconds:>6.0f} "
+              f"{o.retrain_seconds:>9.0f}")
+    labels = list(outcomes[0].classes)
+    print("\nper-class F1 on the held-out rows: champion -> served (gain pts)")
+    print(f"{'class':<16} " + " ".join(f"{'seed ' + str(o.seed):>24}" for o in outcomes) + f" {'mean gain':>10}")
+    for label in labels:
+        cells = " ".join(f"{o.classes[label][0]:.3f} -> {o.classes[label][1]:.3f} "
+                         f"({(o.classes[label][1] - o.classes[label][0]) * 100:+6.1f})" for o in outcomes)
+        mean = np.mean([o.classes[label][1] - o.classes[label][0] for o in outcomes]) * 100
+        print(f"{label:<16} {cells} {mean:>+10.1f}")
+    print("\nthe gate's per-class lines (run record: F1 per class on the retained rows, champion -> candidate)")
+    for o in outcomes:
+        for line in o.gate_lines:
+            print(f"  seed {o.seed}: {line}")
+    lost = sorted({label for o in outcomes for label, (a, b) in o.classes.items() if b < a})
+    print(f"\n{args.task}: mean held-out gain {np.mean([o.served_new - o.champion_new for o in outcomes]) * 100:+.2f} "
+          f"pts, mean golden-holdout change {np.mean([o.served_old - o.champion_old for o in outcomes]) * 100:+.2f} "
+          f"pts; {sum(o.status == 'promoted' for o in outcomes)} of {len(outcomes)} seeds promoted; classes that "
+          f"lost held-out F1 in some seed: {', '.join(lost) or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/rotten_tomatoes.csv"))
+    parser.add_argument("--task", choices=["sentiment", *TASKS], default="sentiment",
+                        help="sentiment: movie-review champion, new-domain corrections; intents / finance3: the loop "
+                        "on one shipped N-label set.")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/rotten_tomatoes.csv"),
+                        help="Movie reviews (the sentiment task only).")
     parser.add_argument("--champion-rows", type=int, default=2000, help="Movie reviews each champion is trained on.")
     parser.add_argument("--corrections", type=int, default=300, help="New-domain corrections sent as feedback.")
     parser.add_argument("--seeds", type=int, default=3)
@@ -117,8 +260,18 @@ def main() -> None:
     parser.add_argument("--old-domain-rows", type=int, default=OLD_DOMAIN_ROWS,
                         help="Movie reviews, disjoint from every training set, that measure forgetting.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--self-training", action="store_true",
+                        help="Turn FLYWHEEL_RETRAIN_SELF_TRAINING on; the champion first serves the new domain's "
+                        "held-out texts, unlabeled, as the traffic self-training reads (transductive: their labels "
+                        "are never used, but the texts scored are the texts pseudo-labeled).")
     args = parser.parse_args()
     configure_logging("WARNING")
+    if args.self_training:
+        # Every Settings() of this process (the retrain runner's included) and the CLI commands read it.
+        os.environ["FLYWHEEL_RETRAIN_SELF_TRAINING"] = "true"
+    if args.task != "sentiment":
+        run_task(args)
+        return
 
     movies = load_dataset(args.data).sample(frac=1.0, random_state=0).reset_index(drop=True)
     old_domain, pool = movies.iloc[: args.old_domain_rows], movies.iloc[args.old_domain_rows :]
@@ -145,7 +298,8 @@ def main() -> None:
                 home = Path(scratch) / f"{name}-{seed}"
                 shutil.copytree(base, home)
                 env = {**bench_env(home, args.threads), "FLYWHEEL_SEED": str(seed)}
-                result = run_loop(home, env, [("annotator", Role.ANNOTATOR, corrections)])
+                traffic = held_out["text"].tolist() if args.self_training else None
+                result = run_loop(home, env, [("annotator", Role.ANNOTATOR, corrections)], traffic=traffic)
                 new = compare(champion, result.model, held_out, seed)
                 old = compare(champion, result.model, old_domain, seed)
                 chosen = str((result.run.gate_evidence or {}).get("chosen", "-"))
@@ -155,7 +309,9 @@ def main() -> None:
                 outcome = Outcome(seed, name, result.run.status, new[0], new[1], new[2], old[0], old[1], old[2],
                                   result.seconds, chosen, tried)
                 outcomes.append(outcome)
-                print(f"  {name}: {result.run.status} ({chosen}) — new-domain {outcome.champion_new:.4f} -> "
+                added = (result.run.gate_evidence or {}).get("self_training_rows", 0)
+                print(f"  {name}: {result.run.status} ({chosen}, {added} self-training rows) — new-domain "
+                      f"{outcome.champion_new:.4f} -> "
                       f"{outcome.served_new:.4f}, old-domain {outcome.champion_old:.4f} -> {outcome.served_old:.4f}, "
                       f"retrain {result.seconds:.0f} s; {result.run.reason}", flush=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,6 +41,19 @@ class Annotations:
 
     rows: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Where each of ``rows`` is in the file ("line 3", "row 2"), for problems found later.
+    where: list[str] = field(default_factory=list)
+
+    def keep_labels(self, allowed: Collection[str]) -> None:
+        """Move the rows whose label is not ``allowed`` to the problems."""
+        known = set(allowed)
+        kept = [(row, where) for row, where in zip(self.rows, self.where, strict=True) if row[1] in known]
+        self.problems.extend(
+            f"{where}: unknown label {label!r} (known: {', '.join(sorted(known))})"
+            for (_, label), where in zip(self.rows, self.where, strict=True)
+            if label not in known
+        )
+        self.rows, self.where = [row for row, _ in kept], [where for _, where in kept]
 
     def summary(self) -> str:
         """The problems, a few in full."""
@@ -109,6 +122,7 @@ def read_annotations(
                 result.problems.append(f"{where}: unknown label {label!r} (known: {', '.join(sorted(allowed))})")
             else:
                 result.rows.append((text, label))
+                result.where.append(where)
     except UnicodeDecodeError as exc:
         raise AnnotationFileError(f"{path} is not valid UTF-8 (byte {exc.start}): re-save it as UTF-8") from exc
     except csv.Error as exc:

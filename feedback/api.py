@@ -41,6 +41,7 @@ from flywheel.auth import Access
 from flywheel.database import BackgroundDatabase, Database
 from flywheel.errors import describe_validation_errors
 from flywheel.http import ClientDisconnectedError, parse_json_object, read_body, unless_disconnected
+from flywheel.label_set import UnknownLabelError
 from flywheel.metrics import admission_metrics
 from flywheel.models.access import Role
 from flywheel.models.feedback import FeedbackCreate, FeedbackPublic, FeedbackSourcePublic, InvalidSourceError
@@ -93,14 +94,15 @@ class Quarantine(BaseModel):
 
 @contextmanager
 def answered() -> Iterator[None]:
-    """Turn the store's refusals into HTTP answers: unknown id 404, a used or text-less label 409, a bad name 422."""
+    """Turn the store's refusals into HTTP answers: unknown id 404, a used or text-less label 409, a bad source
+    name or a label nobody allowed 422."""
     try:
         yield
     except FeedbackNotFoundError as exc:
         raise HTTPException(404, str(exc)) from exc
     except FeedbackConflictError as exc:
         raise HTTPException(409, str(exc)) from exc
-    except InvalidSourceError as exc:
+    except (InvalidSourceError, UnknownLabelError) as exc:
         raise HTTPException(422, str(exc)) from exc
 
 
@@ -135,10 +137,15 @@ def create_router(
     def drop(reason: str) -> None:
         dropped.labels(route="feedback", reason=reason).inc()
 
+    def model_labels() -> list[str] | None:
+        # The model serving now: a label it has is stored without a trip to the label table.
+        model = serving()
+        return None if model is None else model.card.labels
+
     def backend_of(db: Annotated[Database, Depends(database.get)]) -> Backend:
         # Built once per opened database (there is one per process): the store prepares statements up front.
         if id(db) not in parts:
-            store = FeedbackStore(db, settings)
+            store = FeedbackStore(db, settings, model_labels=model_labels)
             parts[id(db)] = Backend(
                 store,
                 ReviewQueue(db, settings),
@@ -245,14 +252,8 @@ def create_router(
                 dropped.labels(route="feedback", reason="cancelled").inc()
                 raise
             create = parse_feedback_body(body, settings)
-            model = serving()
-            if model is None:
+            if serving() is None:
                 raise HTTPException(503, "no model is loaded yet, so its labels are unknown; retry shortly")
-            labels = model.card.labels
-            if create.label not in labels:
-                raise HTTPException(
-                    422, f"label {create.label!r} is not one of model {model.version}'s labels: {', '.join(labels)}"
-                )
             spent: list[float] = []
             # Without a limit there is nothing to count: no trip to a database thread.
             limited = backend.limiter.limit(caller.role) > 0

@@ -26,6 +26,8 @@ app.add_typer(feedback_app, name="feedback")
 sources_app = typer.Typer(help="Feedback sources (the principals that send labels): trust and quarantine.",
                           no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
+labels_app = typer.Typer(help="The labels feedback may use beyond the champion's.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
 #: ``--as NAME``: who makes a change, for the audit log.
 Actor = Annotated[str, typer.Option("--as", help="Who makes this change, for the audit log.")]
 
@@ -75,20 +77,26 @@ def feedback_import(
     """Import labeled texts from an annotation team; importing the same file again changes nothing."""
     from feedback.annotations import read_annotations
     from feedback.store import feedback_event, open_store
+    from flywheel.label_set import LabelSet
     from flywheel.models.feedback import check_source
     from flywheel.publisher import EventPublisher
     from flywheel.registry import ModelRegistry
 
     settings = load_settings()
     check_source(source)
+    annotations = read_annotations(file, settings.text_column, settings.label_column, None, settings.max_text_chars)
     champion = ModelRegistry(settings).champion()
-    labels = ModelRegistry(settings).get(champion).card.labels if champion else None
-    annotations = read_annotations(file, settings.text_column, settings.label_column, labels, settings.max_text_chars)
+    store = open_store(settings)
+    if champion:
+        # The champion's labels and the ones an admin added, as POST /feedback allows.
+        annotations.keep_labels(
+            [*ModelRegistry(settings).get(champion).card.labels, *LabelSet(store.database).added_names()]
+        )
     if annotations.problems:
         typer.echo(f"skipped {len(annotations.problems)} rows: {annotations.summary()}", err=True)
     if not annotations.rows:
+        store.database.dispose()
         raise FlywheelError(f"{file} has no usable rows")
-    store = open_store(settings)
     with EventPublisher(settings, name="import") as publisher:
         result = store.import_labels(
             annotations.rows, source, on_saved=lambda saved: publisher.publish(feedback_event(saved))
@@ -284,3 +292,59 @@ def forget(
             "reach the store once delivered; run this again after they are replayed",
             err=True,
         )
+
+
+@labels_app.command("add")
+def labels_add(
+    name: Annotated[str, typer.Argument(help="The new label, exactly as feedback will send it.")],
+    note: Annotated[str | None, typer.Option(help="Why it is added, for the record.")] = None,
+    actor: Actor = "cli",
+) -> None:
+    """Allow feedback with NAME although the champion lacks it; the next retrain with rows of it grows the head."""
+    from flywheel.label_set import LabelSet
+    from flywheel.models.labels import LabelCreate
+
+    with _store() as store:
+        label, new = LabelSet(store.database).add(LabelCreate(name=name, note=note), added_by=actor)
+    if new:
+        typer.echo(f"label {label.name!r} allowed: feedback with it is stored, and the next retrain learns it")
+    else:
+        typer.echo(f"label {label.name!r} was already allowed (by {label.added_by}, {label.created_at:%Y-%m-%d})")
+
+
+@labels_app.command("list")
+def labels_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The champion's labels, the added ones, and how often feedback named a label nobody allowed."""
+    import json
+
+    from flywheel.label_set import LabelSet
+    from flywheel.registry import ModelRegistry
+
+    settings = load_settings()
+    registry = ModelRegistry(settings)
+    champion = registry.champion()
+    model_labels = registry.get(champion).card.labels if champion else []
+    with _store() as store:
+        labels = LabelSet(store.database)
+        added, refused = labels.added(), labels.refusals()
+    if as_json:
+        typer.echo(json.dumps({
+            "champion": model_labels,
+            "added": [label.model_dump(mode="json") for label in added],
+            "refused": refused,
+        }, indent=2))
+        return
+    table = Table("label", "where", "note", title="labels")
+    for name in model_labels:
+        table.add_row(name, f"champion {champion}", "")
+    for label in added:
+        where = "added; the champion has it" if label.name in model_labels else "added; the next retrain learns it"
+        table.add_row(label.name, f"{where} (by {label.added_by})", label.note or "")
+    console.print(table)
+    if refused:
+        counts = Table("label", "refused feedback", title="refused: labels nobody allowed")
+        for name, count in sorted(refused.items(), key=lambda item: -item[1]):
+            counts.add_row(name, str(count))
+        console.print(counts)

@@ -13,6 +13,7 @@ from sqlmodel import col, select
 
 from feedback.vetting import Vetter
 from flywheel.database import Database
+from flywheel.label_set import LabelSet
 from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackSourcePublic, Prediction
 
 
@@ -35,6 +36,8 @@ class FeedbackStats(BaseModel):
     awaiting_prediction: int
     with_evidence: int
     agreeing: int
+    #: Feedback refused because no model or admin allowed its label, by label name (``flywheel labels add``).
+    refused_labels: dict[str, int] = Field(default_factory=dict)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -76,7 +79,13 @@ class FeedbackStats(BaseModel):
                 f"{source.reliability:.2f}",
                 state,
             )
-        return Group(summary, statuses, labels, sources)
+        parts = [summary, statuses, labels, sources]
+        if self.refused_labels:
+            refused = Table("label", "refused", title="refused labels (allow one with `flywheel labels add NAME`)")
+            for label, count in sorted(self.refused_labels.items(), key=lambda item: (-item[1], item[0])):
+                refused.add_row(label, str(count))
+            parts.append(refused)
+        return Group(*parts)
 
 
 def feedback_stats(database: Database, vetter: Vetter) -> FeedbackStats:
@@ -119,6 +128,7 @@ def feedback_stats(database: Database, vetter: Vetter) -> FeedbackStats:
             stats.by_status = by_source_status.get(row.source, {})
             sources.append(stats)
     total, issues, conflicts, awaiting, judged, agreeing = (int(v) for v in flags)
+    refused = LabelSet(database).refusals()
     return FeedbackStats(
         predictions=predictions,
         feedback=total,
@@ -130,4 +140,5 @@ def feedback_stats(database: Database, vetter: Vetter) -> FeedbackStats:
         awaiting_prediction=awaiting,
         with_evidence=judged,
         agreeing=agreeing,
+        refused_labels=refused,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ from feedback.vetting import Vetter, insert_for
 from flywheel.access import ANONYMOUS
 from flywheel.database import Database
 from flywheel.events import FeedbackEvent, new_id, utcnow
+from flywheel.label_set import LabelSet, UnknownLabelError
 from flywheel.models.feedback import (
     Feedback,
     FeedbackCreate,
@@ -95,10 +96,18 @@ def open_store(settings: Settings) -> FeedbackStore:
 class FeedbackStore(Decisions):
     """Reads and writes predictions and feedback; every write vets the feedback it touches."""
 
-    def __init__(self, database: Database, settings: Settings, vetter: Vetter | None = None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        vetter: Vetter | None = None,
+        model_labels: Callable[[], Collection[str] | None] | None = None,
+    ) -> None:
         self.database = database
         self.settings = settings
         self.vetter = vetter or Vetter(settings)
+        #: The serving model's labels: labels outside them (and the added ones) are refused. None: no check.
+        self.model_labels = model_labels or (lambda: None)
 
     # Feedback from people and annotation teams
 
@@ -107,32 +116,42 @@ class FeedbackStore(Decisions):
     ) -> FeedbackPublic:
         """Store (or update, for the same prediction or text and principal) one label of ``principal`` and vet it.
 
-        The body's ``source`` is kept as the label's note; the source is always ``principal``.
+        The body's ``source`` is kept as the label's note; the source is always ``principal``. A label the model
+        lacks and no admin added is refused with UnknownLabelError, and the refusal is counted.
         """
         for attempt in range(3):
             try:
                 with self.database.session() as session:
-                    row, _ = self._upsert(session, create, principal, now or utcnow())
-                    return FeedbackPublic.model_validate(row)
+                    try:
+                        row, _ = self._upsert(session, create, principal, now or utcnow())
+                    except UnknownLabelError as exc:
+                        # Raised once the transaction has committed the refusal's count.
+                        refused = exc
+                    else:
+                        return FeedbackPublic.model_validate(row)
+                raise refused
             except IntegrityError:
                 # A concurrent submit inserted the same (prediction, source) first: retry as an update.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def submit_many(self, items: Sequence[tuple[FeedbackCreate, str]]) -> list[FeedbackPublic | FeedbackConflictError]:
+    def submit_many(
+        self, items: Sequence[tuple[FeedbackCreate, str]]
+    ) -> list[FeedbackPublic | FeedbackConflictError | UnknownLabelError]:
         """Store ``(label, principal)`` items as ``submit`` stores each, in one transaction, in their order.
 
-        Returns each item's saved row, or the refusal (FeedbackConflictError, raised before anything of it was
-        written) that fails it alone. Any other error rolls the whole transaction back and is raised: the caller
-        stores the items one by one to learn which of them is bad (see ``feedback.submissions``).
+        Returns each item's saved row, or the refusal (FeedbackConflictError or UnknownLabelError, raised before
+        anything of it but the refusal's count was written) that fails it alone. Any other error rolls the whole
+        transaction back and is raised: the caller stores the items one by one to learn which of them is bad (see
+        ``feedback.submissions``).
         """
-        outcomes: list[FeedbackPublic | FeedbackConflictError] = []
+        outcomes: list[FeedbackPublic | FeedbackConflictError | UnknownLabelError] = []
         with self.database.session() as session:
             for create, principal in items:
                 try:
                     row, _ = self._upsert(session, create, principal, utcnow())
-                except FeedbackConflictError as exc:
+                except (FeedbackConflictError, UnknownLabelError) as exc:
                     outcomes.append(exc)
                 else:
                     outcomes.append(FeedbackPublic.model_validate(row))
@@ -141,6 +160,7 @@ class FeedbackStore(Decisions):
     def _upsert(
         self, session: Session, create: FeedbackCreate, principal: str, now: datetime
     ) -> tuple[Feedback, str]:
+        LabelSet.check_in(session, create.label, self.model_labels(), now)
         key = text_key(create.text) if create.text is not None else None
         if create.prediction_id is not None:
             row = session.exec(_BY_PREDICTION, params={"source": principal, "target": create.prediction_id}).first()

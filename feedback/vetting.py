@@ -147,7 +147,9 @@ class Vetter:
                 row.model_version, row.model_scores = latest.model_version, dict(latest.scores)
 
         scored = None
-        if row.model_scores:
+        # A model has no evidence about a label it has no output for (one an admin added since): not an error.
+        new_label = bool(row.model_scores) and row.label not in (row.model_scores or {})
+        if row.model_scores and not new_label:
             scored = self.score(row.label, row.model_scores)
             row.model_label, row.model_confidence = scored.model_label, scored.model_confidence
             row.label_quality, row.label_issue = scored.label_quality, scored.label_issue
@@ -176,6 +178,9 @@ class Vetter:
             status, reason = FeedbackStatus.ACCEPTED, f"trusted source {row.source!r}"
         elif conflicting:
             status, reason = FeedbackStatus.PENDING, f"conflicting labels for this text: {conflicting}"
+        elif new_label:
+            status = FeedbackStatus.PENDING
+            reason = f"model {row.model_version} has no output for the new label {row.label!r}: a reviewer confirms it"
         elif scored is None:
             status, reason = FeedbackStatus.PENDING, "waiting for model evidence (`flywheel feedback vet` scores it)"
         elif scored.label_issue:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from uuid6 import uuid7
 
 from flywheel.errors import FlywheelError, describe_validation_errors
@@ -85,18 +85,68 @@ class FeedbackEvent(Event):
         return self.feedback_id.encode()
 
 
-class DriftAlertEvent(Event):
-    """A drift report whose verdict was "drifted"."""
+class AlertKind(StrEnum):
+    """What an alert on ``flywheel.alerts`` is about."""
+
+    #: The report's verdict was "drifted": the worker queues a retrain.
+    DRIFT = "drift"
+    #: A predicted label's share of the window departs from its reference share: for people, no retrain.
+    LABEL_SHARE = "label_share"
+
+
+class AlertEvent(Event):
+    """Something a drift report found that people should look at; ``kind`` says what, and which fields it fills.
+
+    Version 2 added ``kind`` and the label-share fields. A version-1 event (no ``kind``: every alert then was a
+    drifted verdict) reads as kind ``drift``. A reader from before version 2 still reads a drift alert, and refuses a
+    label-share alert as malformed (its ``drift_score`` and ``verdict`` are null), so it never retrains on one.
+    """
 
     topic: ClassVar[Topic] = Topic.ALERTS
 
+    schema_version: int = 2
+    kind: AlertKind = AlertKind.DRIFT
     report_id: str
     model_version: str
-    verdict: Literal["drifted"] = "drifted"
-    drift_score: float
-    signals: dict[str, Any] = Field(default_factory=dict)
     current_rows: int
     reference_rows: int
+    # Kind drift.
+    verdict: Literal["drifted"] | None = None
+    drift_score: float | None = None
+    signals: dict[str, Any] = Field(default_factory=dict)
+    # Kind label_share: the label, its share of the window's predictions (``current_rows`` of them) and of the
+    # reference's, how many standard errors apart they are, and a few of the window's texts predicted as it.
+    label: str | None = None
+    current_share: float | None = None
+    reference_share: float | None = None
+    z_score: float | None = None
+    examples: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> AlertEvent:
+        if self.kind is AlertKind.DRIFT:
+            if self.drift_score is None:
+                raise ValueError("a drift alert needs drift_score")
+            self.verdict = "drifted"
+        elif self.label is None or self.current_share is None or self.reference_share is None:
+            raise ValueError("a label_share alert needs label, current_share and reference_share")
+        return self
+
+    def describe(self) -> str:
+        """One line for people: what was found, by which report, on which model."""
+        if self.kind is AlertKind.DRIFT:
+            fired = ", ".join(self.signals) or "no signal named"
+            return (
+                f"Drift on model {self.model_version}: drift score {self.drift_score:.3f} over {self.current_rows} "
+                f"predictions ({fired}); report {self.report_id}"
+            )
+        z = "" if self.z_score is None else f", {self.z_score:+.1f} standard errors"
+        return (
+            f"Label share of {self.label!r} on model {self.model_version}: {self.current_share:.3f} of "
+            f"{self.current_rows} predictions vs {self.reference_share:.3f} in the reference{z}; "
+            f"report {self.report_id}"
+        )
+
 
 
 class DeadLetterEvent(Event):
@@ -112,7 +162,7 @@ class DeadLetterEvent(Event):
 
 
 EVENT_TYPES: dict[Topic, type[Event]] = {
-    cls.topic: cls for cls in (PredictionEvent, FeedbackEvent, DriftAlertEvent, DeadLetterEvent)
+    cls.topic: cls for cls in (PredictionEvent, FeedbackEvent, AlertEvent, DeadLetterEvent)
 }
 
 

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from flywheel.access import ANONYMOUS
 from flywheel.database import Database
 from flywheel.events import utcnow
-from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackStatus
+from flywheel.models.feedback import Feedback, FeedbackSource, FeedbackStatus, Prediction
 
 #: Ids per UPDATE statement when marking labels used (keeps parameter lists small on both databases).
 _CHUNK = 500
@@ -62,6 +62,26 @@ def counts_as_new() -> ColumnElement[bool]:
     )
 
 
+class PseudoLabel(BaseModel):
+    """A confident prediction on logged traffic, which self-training may take as a low-weight label."""
+
+    text: str
+    label: str
+    confidence: float
+
+
+#: Most predictions one self-training read returns (the most confident first): bounds a retrain's memory.
+PSEUDO_LABEL_READ_LIMIT = 50_000
+
+
+def unlabeled() -> ColumnElement[bool]:
+    """Predictions nobody gave feedback on, for the prediction or its text: a person's label always wins."""
+    return and_(
+        ~exists().where(col(Feedback.prediction_id) == col(Prediction.prediction_id)),
+        ~exists().where(col(Feedback.text_key) == col(Prediction.text_key)),
+    )
+
+
 class LabelLedger:
     """Reads trainable labels and marks the ones a model was trained on."""
 
@@ -76,6 +96,24 @@ class LabelLedger:
                 TrainingLabel.model_validate({**row.model_dump(), "trusted": bool(trusted)})
                 for row, trusted in session.exec(query)
             ]
+
+    def confident_predictions(self, since: datetime, min_confidence: float) -> list[PseudoLabel]:
+        """Predictions logged after ``since`` with at least ``min_confidence`` and no feedback, most confident first,
+        one per text."""
+        query = (
+            select(Prediction.text, Prediction.label, Prediction.confidence, Prediction.text_key)
+            .where(col(Prediction.created_at) >= since, col(Prediction.confidence) >= min_confidence, unlabeled())
+            .order_by(col(Prediction.confidence).desc(), col(Prediction.prediction_id))
+            .limit(PSEUDO_LABEL_READ_LIMIT)
+        )
+        seen: set[str] = set()
+        rows = []
+        with self.database.read_session() as session:
+            for text, label, confidence, key in session.exec(query):
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(PseudoLabel(text=text, label=label, confidence=confidence))
+        return rows
 
     def count_new(self, since: datetime | None) -> int:
         """Trainable labels created after ``since`` (all of them when it is None) that ``counts_as_new`` admits."""

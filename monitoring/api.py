@@ -6,7 +6,7 @@
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -23,8 +23,9 @@ from flywheel.models.drift import DriftReportPublic, DriftTargetPublic
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
-from monitoring.dashboard import index_page
+from monitoring.dashboard import ShareChart, index_page, share_chart
 from monitoring.errors import MonitoringError
+from monitoring.label_share import LabelShareCheck, hourly_label_counts
 from monitoring.metrics import drift_metrics
 from monitoring.reports import DriftSummary, ReportArchive
 from monitoring.safe_page import SafePage
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 #: Seconds between refreshes of the drift gauges from the newest indexed report.
 GAUGE_REFRESH_SECONDS = 30.0
 MAX_LIMIT = 500
+#: Longest stretch of hours the index page's label-share chart covers (31 days).
+MAX_SHARE_HOURS = 744
 
 
 class _Gauges:
@@ -133,15 +136,32 @@ def create_router(
         except MonitoringError as exc:
             raise HTTPException(404, str(exc)) from exc
 
+    def label_shares(db: Database, hours: int, latest: DriftReportPublic | None) -> ShareChart:
+        end = utcnow()
+        start = end.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+        reference: LabelShareCheck | None = None
+        if latest is not None:
+            try:
+                reference = archive.summary(latest.report_id).label_share
+            except (MonitoringError, ValueError) as exc:
+                # The chart still shows the hours; only the reference lines are missing.
+                logger.warning("cannot read the label shares of drift report %s: %s", latest.report_id, exc)
+        return share_chart(hourly_label_counts(db, start, end), end, hours, reference)
+
     @router.get("/drift", response_class=HTMLResponse)
     async def drift_index(
-        store: Annotated[DriftStore, Depends(drift_store)],
+        db: Annotated[Database, Depends(database.get)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="How many runs to list and plot.")] = 200,
+        hours: Annotated[
+            int, Query(ge=1, le=MAX_SHARE_HOURS, description="Hours of predicted label shares to plot.")
+        ] = 72,
     ) -> HTMLResponse:
-        """Page for people: every run with its verdict, and the drift score over time."""
+        """Page for people: every run with its verdict, the drift score over time, and label shares by hour."""
+        store = DriftStore(db)
         reports = await run_in_threadpool(store.recent, limit)
         total = await run_in_threadpool(store.count)
-        page = SafePage(index_page(reports, total))  # no scripts: autoescaped values only, so none may run
+        shares = await run_in_threadpool(label_shares, db, hours, reports[0] if reports else None)
+        page = SafePage(index_page(reports, total, shares))  # no scripts: autoescaped values only, so none may run
         return HTMLResponse(page.html, headers=page.headers)
 
     @router.get("/drift/reports", response_model=list[DriftReportPublic])

@@ -55,6 +55,12 @@ def drift_run(
         f"drift report {summary.report_id}: {summary.verdict} — {summary.message}; model {summary.model_version}, "
         f"{summary.current_rows} current vs {summary.reference_rows} reference rows, {summary.duration_seconds:.1f}s"
     )
+    if summary.label_share is not None and summary.label_share.shares:
+        shares = ", ".join(
+            f"{s.label} {s.reference_share:.2f} → {s.current_share:.2f}" + (" (shifted)" if s.shifted else "")
+            for s in summary.label_share.shares
+        )
+        typer.echo(f"label shares (reference → window): {shares}")
     typer.echo(f"report: {monitor.archive.path(summary.report_id) / 'report.html'}")
 
 

@@ -1,21 +1,29 @@
 """The drift pages' HTML, from the Jinja2 templates in ``monitoring/templates``.
 
-The index page lists every run with its verdict and draws the drift score over time as inline SVG (no script, no
-CDN). The chart's geometry is computed here; the templates only place the numbers and strings they are given, and
-autoescape escapes every value, so report ids, verdicts, signal names, model versions and messages cannot inject
-markup.
+The index page lists every run with its verdict and draws, as inline SVG (no script, no CDN), the drift score over
+time and each predicted label's share of every hour's predictions. The charts' geometry is computed here; the
+templates only place the numbers and strings they are given, and autoescape escapes every value, so report ids,
+verdicts, signal names, label names, model versions and messages cannot inject markup.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from flywheel.models.drift import DriftReportPublic
+from monitoring.label_share import HourlyCount, LabelShareCheck
 
 VERDICT_COLOURS = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#8a8a8a"}
+#: Line colours of the label-share chart (Tableau 10); past ten labels the dash patterns tell lines apart.
+LABEL_COLOURS = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+)  # fmt: skip
+LABEL_DASHES = ("", "6 3", "2 3", "9 3 2 3")
 WIDTH, HEIGHT = 920, 260
 LEFT, RIGHT, TOP, BOTTOM = 48, 16, 16, 40
 
@@ -141,13 +149,128 @@ def score_chart(reports: list[DriftReportPublic]) -> ScoreChart:
     return ScoreChart(ticks=ticks, line=" ".join(points) if len(points) > 1 else "", dots=dots, labels=labels)
 
 
-def index_page(reports: list[DriftReportPublic], total: int) -> str:
-    """The whole index page for the newest ``reports`` (``total`` runs exist)."""
+@dataclass(frozen=True)
+class ShareDot:
+    """One label's share of one hour's predictions."""
+
+    cx: float
+    cy: float
+    tip: str
+
+
+@dataclass(frozen=True)
+class ShareLine:
+    """One label on the label-share chart: its hours (a polyline per run of consecutive hours) and reference."""
+
+    label: str
+    colour: str
+    dash: str
+    segments: list[str]
+    dots: list[ShareDot]
+    #: The label's share of the newest report's reference, drawn as a dotted line, and its height.
+    reference: float | None = None
+    reference_y: float | None = None
+
+
+@dataclass(frozen=True)
+class ShareChart:
+    """Everything ``label_share_chart.html`` draws, in SVG user units, over the last ``hours`` hours."""
+
+    hours: int
+    predictions: int = 0
+    width: int = WIDTH
+    height: int = HEIGHT
+    left: int = LEFT
+    top: int = TOP
+    plot_w: int = WIDTH - LEFT - RIGHT
+    plot_h: int = HEIGHT - TOP - BOTTOM
+    ticks: list[Tick] = field(default_factory=list)
+    lines: list[ShareLine] = field(default_factory=list)
+    labels: list[AxisLabel] = field(default_factory=list)
+
+    @property
+    def middle_x(self) -> float:
+        return self.left + self.plot_w / 2
+
+    @property
+    def middle_y(self) -> float:
+        return self.top + self.plot_h / 2
+
+
+def share_chart(
+    counts: list[HourlyCount], end: datetime, hours: int, reference: LabelShareCheck | None = None
+) -> ShareChart:
+    """Each label's share of each hour's predictions over the ``hours`` hours up to ``end``, oldest left.
+
+    Labels keep the reference's order (the model's), then the others by name, so a label keeps its colour.
+    """
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    ticks = [Tick(TOP + plot_h * (1 - tick), f"{tick:g}") for tick in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    last = end.replace(minute=0, second=0, microsecond=0)
+    first = last - timedelta(hours=hours - 1)
+    slots = max(hours - 1, 1)
+
+    def x_of(hour: datetime) -> float:
+        return LEFT + plot_w * ((hour - first).total_seconds() / 3600) / slots
+
+    def y_of(share: float) -> float:
+        return TOP + plot_h * (1 - share)
+
+    totals: dict[datetime, int] = defaultdict(int)
+    by_label: dict[str, dict[datetime, int]] = defaultdict(dict)
+    for row in counts:
+        totals[row.hour] += row.count
+        by_label[row.label][row.hour] = row.count
+    known = [share.label for share in reference.shares] if reference is not None else []
+    references = {share.label: share.reference_share for share in reference.shares} if reference is not None else {}
+    order = [label for label in known if label in by_label] + sorted(set(by_label) - set(known))
+    lines = []
+    for i, label in enumerate(order):
+        segments: list[list[str]] = []
+        dots = []
+        previous: datetime | None = None
+        for hour in sorted(totals):
+            share = by_label[label].get(hour, 0) / totals[hour]
+            point = f"{x_of(hour):.1f},{y_of(share):.1f}"
+            if previous is None or hour - previous > timedelta(hours=1):
+                segments.append([])
+            segments[-1].append(point)
+            previous = hour
+            dots.append(
+                ShareDot(
+                    cx=x_of(hour),
+                    cy=y_of(share),
+                    tip=f"{label} — {hour:%Y-%m-%d %H}:00 UTC: {share:.3f} "
+                    f"({by_label[label].get(hour, 0)} of {totals[hour]} predictions)",
+                )
+            )
+        ref = references.get(label)
+        lines.append(
+            ShareLine(
+                label=label,
+                colour=LABEL_COLOURS[i % len(LABEL_COLOURS)],
+                dash=LABEL_DASHES[(i // len(LABEL_COLOURS)) % len(LABEL_DASHES)],
+                segments=[" ".join(points) for points in segments if len(points) > 1],
+                dots=dots,
+                reference=ref,
+                reference_y=None if ref is None else y_of(ref),
+            )
+        )
+    labels = [
+        AxisLabel(LEFT, "start", f"{first:%Y-%m-%d %H}:00 UTC"),
+        AxisLabel(LEFT + plot_w, "end", f"{last:%Y-%m-%d %H}:00 UTC"),
+    ]
+    return ShareChart(hours=hours, predictions=sum(totals.values()), ticks=ticks, lines=lines, labels=labels)
+
+
+def index_page(reports: list[DriftReportPublic], total: int, shares: ShareChart | None = None) -> str:
+    """The whole index page for the newest ``reports`` (``total`` runs exist) and the hourly label ``shares``."""
     return render(
         "drift_index.html",
         reports=reports,
         total=total,
         latest=reports[0] if reports else None,
         chart=score_chart(reports),
+        shares=shares,
         colours=VERDICT_COLOURS,
     )

@@ -18,7 +18,7 @@ from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.embedding import store_embeddings
 from flywheel.encoder import DriftEncoder
-from flywheel.events import DriftAlertEvent
+from flywheel.events import AlertEvent
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.runtime import load_classifier
@@ -27,6 +27,7 @@ from monitoring.descriptors import VocabularyShare
 from monitoring.drift import DriftAnalyzer
 from monitoring.embeddings import WindowEmbeddings, window_embeddings
 from monitoring.errors import MonitoringError
+from monitoring.label_share import compare_label_shares, label_share_alerts
 from monitoring.metrics import drift_metrics
 from monitoring.performance import Calibration, PerformanceEstimator
 from monitoring.reference import ReferenceCache, ReferenceSet
@@ -147,9 +148,20 @@ class DriftMonitor:
         summary.signals = analysis.signals
         summary.fired = analysis.fired
         summary.performance = self.estimator.estimate(calibration, frame[served_mask])
+        # Only the champion's own predictions, as on the reference side: another version's labels are no shift.
+        summary.label_share = compare_label_shares(
+            reference.frame["predicted"].astype(str).tolist(),
+            frame.loc[served_mask, ["predicted", "text"]],
+            classifier.labels,
+            max_diff=s.drift_label_share_max_diff,
+            min_z=s.drift_label_share_min_z,
+            min_rows=s.drift_min_rows,
+        )
+        shifted = summary.label_share.describe()
         summary.message = (
             f"{len(analysis.fired)} of {sum(sig.score is not None for sig in analysis.signals)} signals fired"
             + (f": {', '.join(analysis.fired)}" if analysis.fired else "")
+            + (f"; {shifted}" if shifted else "")
         )
         targets = pd.DataFrame()
         if analysis.verdict == "drifted" and s.drift_targeted_labels > 0:
@@ -204,9 +216,9 @@ class DriftMonitor:
             )
         outcome = self.evaluate(window)
         summary = outcome.summary
-        alert: DriftAlertEvent | None = None
+        alerts: list[AlertEvent] = []
         if summary.verdict == "drifted":
-            alert = DriftAlertEvent(
+            alert = AlertEvent(
                 report_id=summary.report_id,
                 model_version=summary.model_version,
                 drift_score=summary.drift_score or 0.0,
@@ -218,8 +230,15 @@ class DriftMonitor:
                 current_rows=summary.current_rows,
                 reference_rows=summary.reference_rows,
             )
+            alerts.append(alert)
             if self.publisher is not None:
                 summary.alert_event_id = alert.event_id
+        if summary.label_share is not None:
+            label_alerts = label_share_alerts(summary.report_id, summary.model_version, summary.label_share)
+            if self.publisher is not None:
+                for share, label_alert in zip(summary.label_share.shifted, label_alerts, strict=True):
+                    share.alert_event_id = label_alert.event_id
+            alerts.extend(label_alerts)
         # Files first, then the row that lists them, then the alert that points at both.
         self.archive.save(summary, outcome.html)
         if self.database is not None:
@@ -227,10 +246,8 @@ class DriftMonitor:
             store.add(summary, outcome.targets)
             store.prune(s.drift_keep_reports)
         self.archive.prune(s.drift_keep_reports)
-        if alert is not None:
-            logger.warning(
-                "drift detected by report %s on model %s: %s", summary.report_id, summary.model_version, summary.message
-            )
+        for alert in alerts:
+            logger.warning("%s", alert.describe())
             if self.publisher is not None:
                 self.publisher.publish(alert)
         drift_metrics().observe(report_row(summary))

@@ -14,6 +14,7 @@ from flywheel.storage import atomic_write_text
 from monitoring.dashboard import render
 from monitoring.drift import Signal, Verdict
 from monitoring.errors import MonitoringError
+from monitoring.label_share import LabelShareCheck
 from monitoring.performance import PerformanceEstimate
 from monitoring.safe_page import SafePage, escaped, safe_page
 
@@ -47,6 +48,8 @@ class DriftSummary(BaseModel):
     performance: PerformanceEstimate | None = None
     targeted: list[str] = Field(default_factory=list)
     alert_event_id: str | None = None
+    #: Each predicted label's share of the window against the reference (None: the run had too few rows).
+    label_share: LabelShareCheck | None = None
     #: Drift encoder of both sides' embeddings (``flywheel.encoder``), the same across model versions.
     drift_encoder: str = ""
     #: Window rows whose embedding was read from the store, and rows this report had to embed itself.

@@ -1,4 +1,4 @@
-"""The training commands: ``flywheel train``, ``evaluate``, ``retrain now`` and ``runs``."""
+"""The training commands: ``flywheel train``, ``evaluate``, ``replay``, ``retrain now`` and ``runs``."""
 
 from __future__ import annotations
 
@@ -24,12 +24,35 @@ app.add_typer(retrain_app, name="retrain")
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Labeled CSV, JSONL or Parquet file.")],
+    *,
     base: Annotated[str | None, typer.Option(help="Base model: Hugging Face id or local path.")] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Epochs over a large set (default FLYWHEEL_EPOCHS; small sets train by steps).")
     ] = None,
     warm_start: Annotated[str | None, typer.Option(help="Registry version to continue from.")] = None,
     promote: Annotated[bool, typer.Option(help="Make the new model the champion.")] = False,
+    augment: Annotated[
+        str | None,
+        typer.Option(
+            help="Augment the training split, comma-separated: synonym, insert, swap, delete, back_translation "
+            "(default FLYWHEEL_AUGMENT; 'none' for none)."
+        ),
+    ] = None,
+    augment_multiplier: Annotated[
+        str | None,
+        typer.Option(
+            help="New rows per training row: one number for every class, or label=number pairs "
+            "(default FLYWHEEL_AUGMENT_MULTIPLIER, FLYWHEEL_AUGMENT_CLASS_MULTIPLIERS)."
+        ),
+    ] = None,
+    augment_balance: Annotated[
+        bool | None,
+        typer.Option(help="Top minority classes up to the largest one (default FLYWHEEL_AUGMENT_BALANCE).")
+    ] = None,
+    back_translation: Annotated[
+        str | None,
+        typer.Option(help="Two translation models, there and back, comma-separated (FLYWHEEL_BACK_TRANSLATION_MODELS).")
+    ] = None,
 ) -> None:
     """Clean the data, fine-tune a classifier, evaluate it on the golden holdout and register it."""
     from flywheel.registry import ModelRegistry
@@ -39,6 +62,7 @@ def train(
     settings = load_settings()
     if epochs is not None:
         settings = settings.model_copy(update={"epochs": epochs})
+    settings = _with_augmentation(settings, augment, augment_multiplier, augment_balance, back_translation)
     raw = load_dataset(data, settings.text_column, settings.label_column)
     outcome = TrainingPipeline(settings, ModelRegistry(settings)).run(
         raw, base=base, warm_start=warm_start, promote=promote
@@ -52,6 +76,32 @@ def train(
         + (f", linear probe alone {t.probe_macro_f1:.4f} validation macro-F1" if t.probe_macro_f1 is not None else "")
         + (" — now champion" if outcome.promoted else "")
     )
+
+
+def _with_augmentation(
+    settings: Settings, operations: str | None, multiplier: str | None, balance: bool | None, models: str | None
+) -> Settings:
+    """``settings`` with the command line's augmentation options, checked by the settings' own validators."""
+    from pydantic import ValidationError
+
+    from flywheel.errors import FlywheelError, describe_validation_errors
+
+    update: dict[str, object] = {}
+    if operations is not None:
+        update["augment"] = "" if operations.strip().lower() == "none" else operations
+    if multiplier is not None:
+        key = "augment_class_multipliers" if "=" in multiplier else "augment_multiplier"
+        update[key] = multiplier
+    if balance is not None:
+        update["augment_balance"] = balance
+    if models is not None:
+        update["back_translation_models"] = models
+    if not update:
+        return settings
+    try:
+        return Settings.model_validate({**settings.model_dump(), **update})
+    except ValidationError as exc:
+        raise FlywheelError(f"invalid augmentation option: {describe_validation_errors(exc.errors())}") from exc
 
 
 @app.command()
@@ -75,6 +125,40 @@ def evaluate(
     classifier = Classifier.load(entry.model_dir, max_length=entry.card.max_length, version=entry.version)
     metrics = run_evaluation(classifier, cleaned)
     console.print(metrics.table(f"{entry.version} on {data.name}"))
+
+
+@app.command()
+def replay(
+    version: Annotated[str, typer.Argument(help="Registry version to replay the traffic with.")],
+    *,
+    since: Annotated[
+        str, typer.Option(help="Start of the window: 90m, 24h, 7d, 2w, or an ISO timestamp (UTC unless it says).")
+    ] = "24h",
+    limit: Annotated[int, typer.Option(min=1, help="Most distinct texts to score, the newest first.")] = 20_000,
+    served_by: Annotated[
+        str | None, typer.Option(help="Only the predictions this version served (default: every version's).")
+    ] = None,
+    top: Annotated[int, typer.Option(min=0, help="How many disagreements and changes of label to show.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Score logged traffic with a candidate version: agreement, label shifts, and the texts the two disagree on."""
+    from flywheel.database import Database
+    from flywheel.registry import ModelRegistry
+    from retrain.replay import Replay, parse_since
+
+    settings = load_settings()
+    start = parse_since(since)
+    database = Database.from_settings(settings).start()
+    try:
+        result = Replay(database, ModelRegistry(settings)).run(
+            version, start, limit=limit, served_by=served_by, top=top
+        )
+    finally:
+        database.dispose()
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        console.print(result.render())
 
 
 def _retrain_runner(settings: Settings) -> RetrainRunner:

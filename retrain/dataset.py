@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from flywheel.errors import DatasetError
-from flywheel.holdout import stratified_split
-from flywheel.labels import TrainingLabel
+from flywheel.holdout import GoldenHoldout, stratified_split
+from flywheel.labels import PseudoLabel, TrainingLabel
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
 from flywheel.text import dedupe_key, normalize_text
@@ -43,6 +43,10 @@ class RetrainData:
     #: Rows to choose the challenger's checkpoint on, by ``group`` ("original": the champion's own validation rows,
     #: "feedback": a share of the training feedback); None when the champion kept no validation rows.
     validation: pd.DataFrame | None = None
+    #: The champion's labels and those of the feedback kept: what a challenger may learn, in the head's order.
+    labels: list[str] = field(default_factory=list)
+    #: Confident predictions added as low-weight training rows (self-training; 0 when it is off).
+    self_training_rows: int = 0
 
     @property
     def capped_rows(self) -> int:
@@ -74,9 +78,22 @@ def cap_untrusted(rows: pd.DataFrame, share: float) -> tuple[pd.DataFrame, dict[
     return rows.drop(index=dropped.index), capped
 
 
-def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: Settings, seed: int) -> RetrainData:
-    """Replay the champion's data, add capped feedback (trusted rows weighted higher), hold out trusted texts."""
-    known = set(champion.card.labels)
+def assemble(
+    champion: ModelVersion,
+    labels: Sequence[TrainingLabel],
+    settings: Settings,
+    seed: int,
+    *,
+    added_labels: Collection[str] = (),
+    pseudo_labels: Sequence[PseudoLabel] = (),
+) -> RetrainData:
+    """Replay the champion's data, add capped feedback (trusted rows weighted higher), hold out trusted texts.
+
+    Feedback counts when the champion has its label or an admin added it (``added_labels``): rows of an added label
+    make the challenger's head grow by one output. ``pseudo_labels`` (self-training) join the training rows with a
+    low weight, capped per class, never on a text that is held out, labeled or validated on.
+    """
+    known = set(champion.card.labels) | set(added_labels)
     feedback = pd.DataFrame(
         [
             {
@@ -122,16 +139,24 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
     validation = _validation(champion, feedback_rows, eval_keys, settings, seed)
     if validation is not None:
         feedback_rows = feedback_rows[~feedback_rows["feedback_id"].isin(validation["feedback_id"])]
-    train = pd.concat([original.assign(weight=1.0, feedback_id=None), feedback_rows], ignore_index=True)
+    taken = eval_keys | set(feedback["_key"]) | set(original["text"].map(dedupe_key))
+    if validation is not None:
+        taken |= set(validation["text"].map(dedupe_key))
+    pseudo = _self_training(pseudo_labels, known, taken, settings)
+    train = pd.concat(
+        [original.assign(weight=1.0, feedback_id=None), feedback_rows, pseudo], ignore_index=True
+    )
     logger.info(
         "retrain data: %d original rows replayed, %d feedback rows to train on (%d left out by the per-principal "
-        "cap), %d trusted rows held out",
+        "cap), %d trusted rows held out, %d self-training rows",
         len(original),
         len(feedback_train),
         sum(capped.values()),
         len(feedback_eval),
+        len(pseudo),
     )
     return RetrainData(
+        labels=sorted(set(champion.card.labels) | set(feedback_train["label"]) | set(feedback_eval["label"])),
         validation=validation,
         train=train,
         feedback_eval=feedback_eval,
@@ -139,7 +164,25 @@ def assemble(champion: ModelVersion, labels: Sequence[TrainingLabel], settings: 
         original_rows=len(original),
         feedback_rows=len(feedback),
         capped=capped,
+        self_training_rows=len(pseudo),
     )
+
+
+def _self_training(
+    rows: Sequence[PseudoLabel], known: set[str], taken: set[str], settings: Settings
+) -> pd.DataFrame:
+    """Confident predictions as training rows: known labels, texts not already used, the most confident
+    ``retrain_self_training_max_per_class`` per label, weighted ``retrain_self_training_weight``."""
+    frame = pd.DataFrame(
+        [(normalize_text(row.text), row.label, row.confidence) for row in rows if row.label in known],
+        columns=["text", "label", "confidence"],
+    )
+    frame = frame[frame["text"] != ""]
+    keys = frame["text"].map(dedupe_key)
+    frame = frame[~keys.isin(taken) & ~keys.duplicated()]
+    frame = frame.sort_values("confidence", ascending=False, kind="stable")
+    frame = frame.groupby("label", sort=True).head(settings.retrain_self_training_max_per_class)
+    return frame[["text", "label"]].assign(weight=settings.retrain_self_training_weight, feedback_id=None)
 
 
 def _validation(
@@ -166,3 +209,12 @@ def _validation(
     return pd.concat([previous, held.assign(group="feedback")], ignore_index=True)[
         ["text", "label", "group", "feedback_id"]
     ]
+
+
+def retained_rows(settings: Settings, data: RetrainData) -> pd.DataFrame:
+    """Old rows no version trained on, to measure what a challenger forgot: the golden holdout and the champion's
+    validation rows (which chose the candidates' checkpoints, so they flatter them slightly)."""
+    frames = [GoldenHoldout(settings.home / "holdout").load()[["text", "label"]]]
+    if data.validation is not None:
+        frames.append(data.validation.loc[data.validation["group"] == "original", ["text", "label"]])
+    return pd.concat(frames, ignore_index=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flywheel.runtime import build as build_runtime
 from flywheel.runtime import evaluation_texts
 from flywheel.settings import Settings
 from flywheel.text import dedupe_key
+from retrain.augmentation import Augmenter
 from retrain.evaluation import Metrics, evaluate
 from retrain.quality import QualityPipeline, QualityReport
 from retrain.trainer import Trainer, TrainingResult
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 #: The rows a version's checkpoint was chosen on, kept beside its training data: a retrain measures what the
 #: challenger forgets on them, rows the champion never trained on (its own training rows it knows by heart).
 VALIDATION_DATA_FILE = "validation_data.parquet"
+#: The rows augmentation added to a version's training rows, each with its operation and source text: what the
+#: model also trained on, for people to check.
+AUGMENTED_DATA_FILE = "augmented_data.parquet"
 
 
 def validation_data(version: ModelVersion) -> pd.DataFrame | None:
@@ -53,9 +58,14 @@ class TrainingPipeline:
         self.trainer = trainer or Trainer(settings)
         self.holdout = GoldenHoldout(settings.home / "holdout")
 
-    def prepare(self, raw: pd.DataFrame) -> tuple[pd.DataFrame, QualityReport, pd.DataFrame, HoldoutInfo]:
-        """Clean ``raw``; freeze the holdout on first use, else remove holdout texts from the data."""
-        allowed = self.holdout.info().labels if self.holdout.exists() else None
+    def prepare(
+        self, raw: pd.DataFrame, added_labels: Sequence[str] = ()
+    ) -> tuple[pd.DataFrame, QualityReport, pd.DataFrame, HoldoutInfo]:
+        """Clean ``raw``; freeze the holdout on first use, else remove holdout texts from the data.
+
+        Once a holdout exists, rows must carry one of its labels or of ``added_labels``.
+        """
+        allowed = [*self.holdout.info().labels, *added_labels] if self.holdout.exists() else None
         cleaned, report = QualityPipeline(self.settings.max_text_chars, allowed_labels=allowed).run(raw)
         if self.holdout.exists():
             holdout = self.holdout.load()
@@ -80,16 +90,21 @@ class TrainingPipeline:
         probe: bool | None = None,
         group_column: str | None = None,
         validation: pd.DataFrame | None = None,
+        added_labels: Sequence[str] = (),
+        augment_column: str | None = None,
     ) -> TrainingOutcome:
         """Train a new version from ``raw``; warm-start from a registry version when given.
 
         ``probe`` refits a warm start's head by linear probing (None: only a new head is probed); checkpoints are
         judged by the mean macro-F1 of the validation rows' ``group_column`` groups when it is given. ``validation``
         fixes the validation rows (cleaned rows, never trained on); without it a stratified share of ``raw`` is split
-        off.
+        off. ``added_labels`` (``flywheel labels add``) that have rows join the holdout's labels: the head grows.
+        With ``settings.augment`` the training rows (only those true in the boolean ``augment_column`` when it is
+        given) are augmented once the validation rows and the holdout are split off, never those.
         """
-        data, report, holdout, info = self.prepare(raw)
-        labels = info.labels
+        data, report, holdout, info = self.prepare(raw, added_labels)
+        # A label grows the head only once there are rows to learn it from.
+        labels = sorted(set(info.labels) | (set(added_labels) & set(data["label"])))
         missing = sorted(set(labels) - set(data["label"]))
         if missing:
             raise DatasetError(f"training data has no rows for labels {missing} that the golden holdout has")
@@ -110,10 +125,17 @@ class TrainingPipeline:
         else:
             init_from = base or self.settings.base_model
         logger.info("training on %d rows, validating on %d, from %s", len(train), len(validation), init_from)
-        weights = train[sample_weight_column] if sample_weight_column else None
+        trained = train
+        augmenter = Augmenter.from_settings(self.settings)
+        if augmenter is not None:
+            eligible = train[augment_column] if augment_column else None
+            trained, report.augmentation = augmenter.apply(
+                train, exclude=[*validation["text"], *holdout["text"]], eligible=eligible
+            )
+        weights = trained[sample_weight_column] if sample_weight_column else None
         groups = validation[group_column] if group_column else None
         result = self.trainer.train(
-            train, validation, labels, init_from, sample_weight=weights, probe=probe, validation_groups=groups
+            trained, validation, labels, init_from, sample_weight=weights, probe=probe, validation_groups=groups
         )
         holdout_metrics = evaluate(result.classifier(self.settings.max_length), holdout)
         card = ModelCard(
@@ -145,7 +167,14 @@ class TrainingPipeline:
                 result.classifier(s.max_length), path / "model", checked["text"].tolist(), checked["label"].tolist(), s
             )
             card.runtime, card.runtime_evidence = choice.runtime, choice.model_dump()
+            # The rows as given, not the augmented ones: a retrain replays them (and augments its own set), and
+            # drift compares traffic with them.
             train[["text", "label"]].to_parquet(path / TRAINING_DATA_FILE, index=False)
+            if augmenter is not None:
+                added = trained[trained["augmentation"].notna()]
+                added[["text", "label", "augmentation", "augmented_from"]].to_parquet(
+                    path / AUGMENTED_DATA_FILE, index=False
+                )
             validation[["text", "label"]].to_parquet(path / VALIDATION_DATA_FILE, index=False)
             (path / "metrics.json").write_text(holdout_metrics.model_dump_json(indent=2))
             (path / "quality_report.json").write_text(report.model_dump_json(indent=2))

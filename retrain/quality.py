@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.errors import DatasetError
 from flywheel.text import dedupe_key, normalize_text
+from retrain.augmentation import AugmentationReport
 
 EXAMPLES_PER_REASON = 3
 
@@ -29,6 +30,8 @@ class QualityReport(BaseModel):
     conflicts_resolved: int = 0
     class_balance: dict[str, int] = Field(default_factory=dict)
     imbalance_ratio: float = 1.0
+    #: What augmentation added to the training split (after cleaning and splitting); None when it was off.
+    augmentation: AugmentationReport | None = None
 
     def render(self) -> str:
         """Human-readable summary for the CLI."""
@@ -40,6 +43,8 @@ class QualityReport(BaseModel):
             lines.append(f"  resolved {self.conflicts_resolved} conflicting texts by majority label")
         balance = ", ".join(f"{label}={count}" for label, count in self.class_balance.items())
         lines.append(f"  classes: {balance} (largest/smallest = {self.imbalance_ratio:.2f})")
+        if self.augmentation is not None:
+            lines.append(self.augmentation.render())
         return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,13 @@ from sqlmodel import col, select
 from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.events import utcnow
-from flywheel.holdout import GoldenHoldout
+from flywheel.label_set import LabelSet
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from retrain.candidates import Candidate, Start, candidates
-from retrain.dataset import RetrainData, assemble
+from retrain.dataset import RetrainData, assemble, retained_rows
 from retrain.evaluation import Metrics, bootstrap_macro_f1, predictions, score
 from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces, summary
 from retrain.lease import RetrainLock
@@ -177,8 +178,15 @@ class RetrainRunner:
         started = time.monotonic()
         start = starting_point(self.registry)
         champion = start.baseline
-        labels = self.labels.training_rows()
-        data = assemble(champion, labels, self.settings, self.settings.seed)
+        s = self.settings
+        pseudo = (
+            self.labels.confident_predictions(utcnow() - timedelta(hours=s.retrain_self_training_hours),
+                                              s.retrain_self_training_min_confidence)
+            if s.retrain_self_training
+            else []
+        )
+        data = assemble(champion, self.labels.training_rows(), s, s.seed,
+                        added_labels=LabelSet(self.database).added_names(), pseudo_labels=pseudo)
         self._update(
             run_id,
             champion_version=champion.version,
@@ -215,6 +223,7 @@ class RetrainRunner:
         decision = decide(champion_scored.scores, best.scores, limits, interval)
         evidence = {
             "feedback_eval_rows": len(data.feedback_eval),
+            "self_training_rows": data.self_training_rows,
             "chosen": best.name,
             "gain": round(best.scores.feedback_macro_f1 - champion_scored.scores.feedback_macro_f1, 6),
             "gain_interval": [round(interval[0], 6), round(interval[1], 6)],
@@ -243,7 +252,7 @@ class RetrainRunner:
         return bootstrap_macro_f1(
             data.feedback_eval["label"].tolist(),
             scored.predicted,
-            baseline.version.card.labels,
+            sorted(set(data.feedback_eval["label"])),
             baseline=baseline.predicted,
             confidence=self.settings.retrain_gain_confidence,
             seed=self.settings.seed,
@@ -345,6 +354,7 @@ class RetrainRunner:
         train = data.train.assign(
             weight=candidate.weights(data.train),
             group=np.where(data.train["feedback_id"].notna(), "feedback", "original"),
+            augment=data.train["feedback_id"].notna(),
         )
         outcome = pipeline.run(
             train,
@@ -354,6 +364,8 @@ class RetrainRunner:
             probe=candidate.start == Start.PROBE,
             group_column="group",
             validation=data.validation,
+            added_labels=data.labels,
+            augment_column="augment" if settings.augment_feedback_only else None,
         )
         return outcome.version
 
@@ -363,13 +375,16 @@ class RetrainRunner:
         classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
         holdout = Metrics.model_validate(version.card.holdout_metrics)
         predicted = predictions(classifier, data.feedback_eval["text"].tolist())
-        feedback = score(data.feedback_eval["label"].tolist(), predicted, version.card.labels)
+        # Macro-F1 over the labels each set has: every model is judged on the same classes, whichever it can output.
+        feedback = score(data.feedback_eval["label"].tolist(), predicted, sorted(set(data.feedback_eval["label"])))
         kept = predictions(classifier, retained["text"].tolist())
-        retention = score(retained["label"].tolist(), kept, version.card.labels)
+        retention = score(retained["label"].tolist(), kept, sorted(set(retained["label"])))
         scores = GateScores(
+            unchecked_classes=sorted(set(data.labels) - set(retained["label"])),
             holdout_macro_f1=retention.macro_f1,
             feedback_macro_f1=feedback.macro_f1,
             holdout_class_f1={label: m.f1 for label, m in retention.per_class.items()},
+            holdout_class_rows={label: m.support for label, m in retention.per_class.items()},
             holdout_rows=retention.rows,
         )
         metrics = {
@@ -380,11 +395,3 @@ class RetrainRunner:
         }
         return Scored(name, version, scores, metrics, predicted)
 
-
-def retained_rows(settings: Settings, data: RetrainData) -> pd.DataFrame:
-    """Old rows no version trained on, to measure what a challenger forgot: the golden holdout and the champion's
-    validation rows (which chose the candidates' checkpoints, so they flatter them slightly)."""
-    frames = [GoldenHoldout(settings.home / "holdout").load()[["text", "label"]]]
-    if data.validation is not None:
-        frames.append(data.validation.loc[data.validation["group"] == "original", ["text", "label"]])
-    return pd.concat(frames, ignore_index=True)

@@ -1,9 +1,15 @@
 """The worker: APScheduler jobs (persistent schedule) for retrain checks, drift reports and housekeeping;
-queued and drift-triggered retrains; clean shutdown.
+queued and drift-triggered retrains; alerts delivered to the webhook; clean shutdown.
 
 The drift-alert listener acts on each alert at least once: its offset is committed only once the retrain request
 is stored, and the listener is supervised (``flywheel.supervision``), so a database or broker outage shows as a
 fault (``alerts_health()``, ``flywheel_thread_up{thread="drift-alerts"}``) and the alert is acted on when it ends.
+Only drift alerts queue retrains; label-share alerts are for people.
+
+With ``FLYWHEEL_ALERT_WEBHOOK_URL`` set, a second listener in a consumer group of its own delivers every alert, of
+every kind and producer, to the webhook (``flywheel.webhook``), also at least once: an alert's offset is committed
+once the receiver took it, so a receiver that is down delays alerts (``webhook_health()``,
+``flywheel_thread_up{thread="alert-webhook"}``) and neither loses them nor holds up retrains.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC
 from types import FrameType
 
@@ -24,13 +32,14 @@ from kafka.structs import OffsetAndMetadata
 from feedback.retention import expire_predictions
 from feedback.store import FeedbackStore
 from flywheel.database import Database
-from flywheel.events import DriftAlertEvent, EventDecodeError, Topic, decode
+from flywheel.events import AlertEvent, AlertKind, EventDecodeError, Topic, decode
 from flywheel.kafka import kafka_consumer
 from flywheel.models.retrain import RunTrigger
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
-from flywheel.supervision import Health, Supervised
+from flywheel.supervision import Health, Supervised, describe
+from flywheel.webhook import AlertWebhook, WebhookError
 from monitoring.monitor import DriftMonitor
 from monitoring.schedule import add_drift_job
 from retrain.runner import RetrainRunner
@@ -40,8 +49,13 @@ logger = logging.getLogger(__name__)
 #: The worker whose jobs run in this process; persistent jobs are stored by reference, so they find it here.
 _active: RetrainWorker | None = None
 ALERTS_GROUP = "flywheel-retrain"
+#: Consumer group of the webhook listener: its own offsets, so a slow receiver never holds up retrains.
+WEBHOOK_GROUP = "flywheel-alert-webhook"
 #: Longest wait, in seconds, between attempts of the alert listener while the database or the broker is away.
 ALERT_RETRY_MAX_SECONDS = 10.0
+#: Longest pause, in seconds, of the webhook listener after a delivery's every attempt failed, before it tries the
+#: same alert again (1 s after the first such failure, doubling).
+WEBHOOK_RETRY_MAX_PAUSE_SECONDS = 30.0
 
 
 def scheduled_retrain() -> None:
@@ -71,13 +85,17 @@ class RetrainWorker:
         self.store: FeedbackStore | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.publisher: EventPublisher | None = None
+        self.webhook: AlertWebhook | None = None
         self._alerts = Supervised(
             "drift-alerts", self._consume_alerts, self.stopping, max_backoff=ALERT_RETRY_MAX_SECONDS
         )
+        self._webhook = Supervised("alert-webhook", self._deliver_alerts, self.stopping)
 
     def start(self) -> None:
         """Connect, migrate, recover dead runs, and start the scheduler and the alert listener."""
         global _active
+        # A malformed webhook URL stops the start here, before anything runs.
+        self.webhook = AlertWebhook.from_settings(self.settings, stop=self.stopping)
         self.database = Database.from_settings(self.settings).start()
         self.store = FeedbackStore(self.database, self.settings)
         self.runner = RetrainRunner(
@@ -111,6 +129,9 @@ class RetrainWorker:
         self.scheduler = scheduler
         # Each drift alert queues one run; the queue poll starts it, so alerts never run retrains concurrently.
         self._alerts.start()
+        if self.webhook is not None:
+            self._webhook.start()
+            logger.info("alerts are delivered to the webhook at %s", self.webhook.where)
         logger.info("retrain worker started (checks every %ss)", self.settings.retrain_interval_seconds)
 
     @staticmethod
@@ -190,9 +211,64 @@ class RetrainWorker:
         except EventDecodeError as exc:
             logger.warning("ignoring malformed drift alert: %s", exc)
             return
-        if isinstance(event, DriftAlertEvent):
+        if isinstance(event, AlertEvent) and event.kind is AlertKind.DRIFT:
             run = self._runner().request(RunTrigger.DRIFT_ALERT, reason=f"drift report {event.report_id}")
             logger.info("drift alert %s queued retrain run %s", event.report_id, run.run_id)
+
+    def webhook_health(self) -> Health:
+        """Whether alerts reach the webhook, or the fault it is retrying ("not started" while none is set)."""
+        return self._webhook.health()
+
+    def _deliver_alerts(self) -> None:
+        """Deliver every alert to the webhook until the worker stops, committing each once the receiver took (or
+        refused) it; an alert whose every attempt failed is tried again after a pause, with nothing skipped."""
+        webhook = self.webhook
+        if webhook is None:
+            raise RuntimeError("no alert webhook configured")
+        timeout_ms = int(self.settings.alert_webhook_timeout * 1000)
+        consumer = kafka_consumer(
+            self.settings,
+            Topic.ALERTS,
+            group_id=WEBHOOK_GROUP,
+            # A first start delivers the alerts the topic still holds: a "latest" start would skip any alert sent
+            # before the group's first assignment (the topic's first alert among them), and alerts are rare.
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            # One attempt blocks polling for up to the webhook timeout: the group must not evict the listener then.
+            max_poll_interval_ms=max(self.settings.ingest_max_poll_interval_ms, timeout_ms + 5000),
+            session_timeout_ms=max(6000, self.settings.ingest_max_poll_interval_ms + 1000, timeout_ms + 6000),
+        )
+        failures = 0
+        try:
+            while not self.stopping.is_set():
+                for partition, records in consumer.poll(timeout_ms=1000).items():
+                    for record in records:
+                        try:
+                            self._deliver(webhook, record.value, sleep=_idle(consumer, self.stopping))
+                        except WebhookError as exc:
+                            self._webhook.fault(describe(exc))
+                            pause = min(WEBHOOK_RETRY_MAX_PAUSE_SECONDS, 2.0**failures)
+                            failures += 1
+                            logger.warning("%s; trying again in %.0f s", exc, pause)
+                            # Not committed: the same alert comes back with the next poll.
+                            consumer.seek(partition, record.offset)
+                            _idle(consumer, self.stopping)(pause)
+                            break
+                        failures = 0
+                        consumer.commit({partition: OffsetAndMetadata(record.offset + 1, "", -1)})
+                if _caught_up(consumer):
+                    self._webhook.recovered()
+        finally:
+            consumer.close(autocommit=False)
+
+    def _deliver(self, webhook: AlertWebhook, payload: bytes, sleep: Callable[[float], None]) -> None:
+        try:
+            event = decode(Topic.ALERTS, payload)
+        except EventDecodeError as exc:
+            logger.warning("not delivering a malformed alert: %s", exc)
+            return
+        if isinstance(event, AlertEvent):
+            webhook.deliver(event, sleep=sleep)
 
     def shutdown(self) -> None:
         """Stop taking jobs, interrupt a running fine-tune (its run is marked failed), and wait for jobs to end."""
@@ -201,6 +277,9 @@ class RetrainWorker:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         self._alerts.join(timeout=10)
+        self._webhook.join(timeout=10)
+        if self.webhook is not None:
+            self.webhook.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.database is not None:
@@ -223,6 +302,22 @@ class RetrainWorker:
             done.wait()
         finally:
             self.shutdown()
+
+
+def _idle(consumer: KafkaConsumer, stop: threading.Event) -> Callable[[float], None]:
+    """A wait that keeps ``consumer`` polling its paused partitions, so its group keeps it while it waits to retry."""
+
+    def wait(seconds: float) -> None:
+        partitions = consumer.assignment()
+        consumer.pause(*partitions)
+        deadline = time.monotonic() + seconds
+        try:
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                consumer.poll(timeout_ms=int(min(left, 1.0) * 1000) or 1)
+        finally:
+            consumer.resume(*partitions)
+
+    return wait
 
 
 def _caught_up(consumer: KafkaConsumer) -> bool:

@@ -42,14 +42,29 @@ def _one_word_decides(
 ) -> pd.DataFrame:
     """Alternating labels; one word from the label's list among 3..max_filler filler words decides it."""
     positive, negative, filler = vocab
+    return one_word_classes(
+        n, seed, {"positive": positive, "negative": negative}, filler, max_filler=max_filler, suffix=suffix
+    )
+
+
+def one_word_classes(
+    n: int,
+    seed: int,
+    words: dict[str, list[str]],
+    filler: list[str],
+    *,
+    max_filler: int = 6,
+    suffix: str = " #{seed}-{i}",
+) -> pd.DataFrame:
+    """Labels in turn, as many as ``words`` has; one word of the label's list among filler words decides it."""
     rng = random.Random(seed)
+    labels = list(words)
     rows = []
     for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        word = rng.choice(positive if label == "positive" else negative)
-        words = rng.sample(filler, rng.randint(3, max_filler))
-        words.insert(rng.randint(0, len(words)), word)
-        rows.append({"text": " ".join(words) + suffix.format(seed=seed, i=i), "label": label})
+        label = labels[i % len(labels)]
+        words_of_text = rng.sample(filler, rng.randint(3, max_filler))
+        words_of_text.insert(rng.randint(0, len(words_of_text)), rng.choice(words[label]))
+        rows.append({"text": " ".join(words_of_text) + suffix.format(seed=seed, i=i), "label": label})
     return pd.DataFrame(rows)
 
 
@@ -66,3 +81,41 @@ PRODUCT_FILLER = ["the", "app", "phone", "charger", "battery", "seller", "delive
 def product_reviews(n: int, seed: int = 0) -> pd.DataFrame:
     """A domain the synthetic movie task never covers: product words decide the label."""
     return _one_word_decides(n, seed, (PRODUCT_POSITIVE, PRODUCT_NEGATIVE, PRODUCT_FILLER), 6, " #{seed}-{i}")
+
+
+NEUTRAL_WORDS = ["average", "ordinary", "typical", "standard", "moderate", "usual"]
+
+#: Eight intents of a help desk, each told by one of its words; the champion learns these...
+INTENT_WORDS = {
+    "refund": ["refund", "reimburse", "repay"],
+    "cancel": ["cancel", "terminate", "revoke"],
+    "track": ["track", "locate", "trace"],
+    "password": ["password", "login", "credentials"],
+    "billing": ["invoice", "billing", "charge"],
+    "address": ["address", "relocate", "street"],
+    "delivery": ["late", "delayed", "overdue"],
+    "human": ["human", "person", "agent"],
+}
+#: ...and the corrections teach these, which the champion never saw.
+NEW_INTENT_WORDS = {
+    "refund": ["compensation", "rebate", "money"],
+    "cancel": ["quit", "abort", "unsubscribe"],
+    "track": ["whereabouts", "status", "shipment"],
+    "password": ["pin", "passcode", "unlock"],
+    "billing": ["statement", "fee", "payment"],
+    "address": ["moving", "postcode", "apartment"],
+    "delivery": ["waiting", "slow", "missing"],
+    "human": ["representative", "operator", "manager"],
+}
+INTENT_FILLER = ["please", "my", "order", "i", "need", "help", "with", "the", "account", "today", "can", "you"]
+
+
+def intents(n: int, seed: int = 0, new: bool = False) -> pd.DataFrame:
+    """An easy eight-intent task; ``new`` draws the deciding words from the vocabulary the champion lacks."""
+    return one_word_classes(n, seed, NEW_INTENT_WORDS if new else INTENT_WORDS, INTENT_FILLER)
+
+
+def three_way(n: int, seed: int = 0) -> pd.DataFrame:
+    """Positive, negative and neutral texts of the synthetic movie task."""
+    words = {"positive": POSITIVE_WORDS, "negative": NEGATIVE_WORDS, "neutral": NEUTRAL_WORDS}
+    return one_word_classes(n, seed, words, FILLER, max_filler=7)

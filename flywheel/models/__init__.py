@@ -5,6 +5,6 @@ and records runs, ``monitoring`` reads windows and writes reports. Importing thi
 on ``SQLModel.metadata`` (Alembic autogenerate compares against it).
 """
 
-from flywheel.models import access, drift, feedback, retrain
+from flywheel.models import access, drift, feedback, labels, retrain
 
-__all__ = ["access", "drift", "feedback", "retrain"]
+__all__ = ["access", "drift", "feedback", "labels", "retrain"]

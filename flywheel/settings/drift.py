@@ -1,4 +1,5 @@
-"""Drift monitoring options: the windows, Evidently's methods and thresholds per signal, reports."""
+"""Drift monitoring options: the windows, Evidently's methods and thresholds per signal, label shares, reports and
+the alert webhook."""
 
 from __future__ import annotations
 
@@ -101,4 +102,31 @@ class DriftSettings(FlywheelSettings):
     )
     drift_embed_batch_size: int = Field(
         64, ge=1, le=4096, description="Texts per batch the background drift embedder encodes and stores."
+    )
+    drift_label_share_max_diff: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="A predicted label's share of the current window may depart this far (absolute) from its share "
+        "of the reference before a label-share alert is raised (both this and FLYWHEEL_DRIFT_LABEL_SHARE_MIN_Z).",
+    )
+    drift_label_share_min_z: float = Field(
+        4.0,
+        ge=0,
+        description="A label-share alert also needs the departure to be this many standard errors of the reference "
+        "share for the window's size (sqrt(p(1-p)/n)), so a small window's noise raises none.",
+    )
+    alert_webhook_url: str | None = Field(
+        None,
+        description="Every alert (drift and label share) is POSTed as JSON to this URL by the worker; unset = off.",
+    )
+    alert_webhook_timeout: float = Field(
+        10.0, gt=0, description="Seconds one webhook attempt may take (connect, send, answer)."
+    )
+    alert_webhook_attempts: int = Field(
+        5,
+        ge=1,
+        description="Attempts per alert, with exponential backoff between them; after the last the worker pauses "
+        "(1 s, doubling up to 30 s) and tries the same alert again, so none is skipped unless the receiver refuses "
+        "it with a 4xx other than 408 and 429.",
     )

@@ -45,6 +45,23 @@ class RetrainSettings(FlywheelSettings):
         description="Loss weight of a feedback row from an untrusted source that vetting accepted: it counts no "
         "more than an original row, so labels nobody vouched for cannot outweigh what the model knew.",
     )
+    retrain_self_training: bool = Field(
+        False,
+        description="Add the champion's confident predictions on recent traffic to a retrain as low-weight labels "
+        "(self-training). Off by default: the loop benchmark did not show it helps (see README).",
+    )
+    retrain_self_training_min_confidence: float = Field(
+        0.95, gt=0.5, le=1, description="Lowest confidence of a prediction that self-training may take as a label."
+    )
+    retrain_self_training_hours: float = Field(
+        168.0, gt=0, description="Age of the oldest prediction self-training reads, in hours."
+    )
+    retrain_self_training_max_per_class: int = Field(
+        200, ge=1, description="Most self-training rows per predicted label (the most confident first)."
+    )
+    retrain_self_training_weight: float = Field(
+        0.3, gt=0, description="Loss weight of a self-training row relative to a replayed original training row."
+    )
     retrain_replay_rows: int = Field(
         20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
     )
@@ -90,7 +107,8 @@ class RetrainSettings(FlywheelSettings):
     retrain_max_class_drop: float = Field(
         0.03,
         ge=0,
-        description="Most F1 on the retained rows any one class may lose against the champion (0.03 = 3 pts).",
+        description="Most F1 on the retained rows any one class may lose against the champion (0.03 = 3 pts); "
+        "for a class of n rows, at least 1/n (one row's change), which fewer rows cannot resolve.",
     )
     retrain_lease_seconds: float = Field(
         120.0, gt=0, description="Retrain lock lease; a worker that stops renewing it is presumed dead after this long."

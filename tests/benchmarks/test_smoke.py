@@ -65,3 +65,10 @@ def test_active_bench_compares_the_queue_with_random_order(bench: dict[str, str]
     out = run("active_bench.py", bench, "--champion-rows", "200", "--budgets", "30", "--random-seeds", "1",
               "--pool-rows", "60")
     assert "random mean" in out and "queue-30" in out, out
+
+
+def test_augment_bench_compares_each_augmentation_with_none(bench: dict[str, str]) -> None:
+    out = run("augment_bench.py", bench, "--sizes", "100", "--seeds", "1", "--augmentations", "none,swap",
+              "--checker-rows", "300", "--agreement-sample", "30")
+    assert "100 rows         holdout     swap" in out and "label agreement" in out, out
+    assert "default: " in out, out

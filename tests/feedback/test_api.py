@@ -70,7 +70,7 @@ def post(client: TestClient, body: Any, **kwargs: Any) -> httpx.Response:
         ({"prediction_id": "p1"}, 422, "label: Field required"),
         ({"label": "positive"}, 422, "give either prediction_id (to correct a prediction) or text"),
         ({"prediction_id": "p1", "text": "t", "label": "positive"}, 422, "give either prediction_id"),
-        ({"prediction_id": "p1", "label": "neutral"}, 422, "label 'neutral' is not one of model"),
+        ({"prediction_id": "p1", "label": "neutral"}, 422, "unknown label 'neutral': the model knows negative, pos"),
         ({"prediction_id": "p1", "label": 1}, 422, "label: Input should be a valid string"),
         ({"prediction_id": ["p1"], "label": "positive"}, 422, "prediction_id: Input should be a valid string"),
         ({"text": "t", "label": "positive", "lable": "x"}, 422, "lable: Extra inputs are not permitted"),

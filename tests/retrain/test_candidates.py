@@ -99,6 +99,20 @@ def test_no_class_may_lose_more_than_its_allowance_on_the_holdout() -> None:
     assert keeps_holdout(champion, shifted, limits.model_copy(update={"max_class_drop": 0.06})) is None
 
 
+def test_a_class_of_few_rows_is_not_refused_for_one_row() -> None:
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.05, max_class_drop=0.03)
+    scores = {"neutral": 0.8421, "positive": 0.75}
+    champion = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.6, holdout_class_f1=scores,
+                          holdout_class_rows={"neutral": 11, "positive": 200})
+    # One more miss among 11 neutral rows costs 4 points of its F1: within one row's resolution (1/11).
+    one_row = champion.model_copy(update={"holdout_class_f1": {"neutral": 0.80, "positive": 0.75}})
+    assert keeps_holdout(champion, one_row, limits) is None
+    # The same 4 points on a class of 200 rows is a real loss.
+    worse = champion.model_copy(update={"holdout_class_f1": {"neutral": 0.8421, "positive": 0.71}})
+    refused = keeps_holdout(champion, worse, limits)
+    assert refused is not None and "class 'positive' fell 0.7500 -> 0.7100, more than 0.0300 (on 200 rows" in refused
+
+
 def test_another_recipe_replaces_the_reference_only_when_surely_better_and_as_retentive() -> None:
     limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
     reference = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.80, holdout_class_f1={"a": 0.8, "b": 0.8})

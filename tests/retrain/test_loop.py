@@ -3,60 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from flywheel.broker import EmbeddedBroker
-from tests.conftest import app_client, copy_home, run_cli, running_service
+from tests.conftest import app_client, run_cli, running_service
+from tests.retrain.conftest import ADMIN_TOKEN, predict
 from tests.support import product_reviews
 
 pytestmark = pytest.mark.slow
-FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
-ADMIN_TOKEN = "test-admin-token"
-
-
-@pytest.fixture()
-def loop_env(trained_home: dict[str, str], broker: EmbeddedBroker, tmp_path: Path) -> dict[str, str]:
-    env = copy_home(trained_home, tmp_path / "home")
-    return {
-        **env,
-        "FLYWHEEL_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "FLYWHEEL_INGEST_GROUP_ID": f"loop-{tmp_path.name}",
-        "FLYWHEEL_RELOAD_INTERVAL": "0.5",
-        "FLYWHEEL_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FLYWHEEL_EPOCHS": "6",
-        "FLYWHEEL_RETRAIN_MIN_EVAL_ROWS": "8",
-        "FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP": "0.05",
-        "FLYWHEEL_FEEDBACK_RATE_LIMIT": "0",
-    }
-
-
-@pytest.fixture()
-def ingest(loop_env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        [FLYWHEEL, "ingest"], env={**os.environ, **loop_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    yield process
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def predict(http: httpx.Client, texts: list[str]) -> list[dict[str, object]]:
-    response = http.post("/predict", json={"texts": texts})
-    assert response.status_code == 200, response.text
-    return response.json()["predictions"]
 
 
 def test_corrections_through_the_api_make_the_served_model_better(

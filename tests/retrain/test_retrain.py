@@ -18,7 +18,7 @@ from feedback.store import FeedbackStore
 from flywheel.broker import EmbeddedBroker
 from flywheel.classifier import Classifier
 from flywheel.database import Database
-from flywheel.events import DriftAlertEvent
+from flywheel.events import AlertEvent
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RunStatus, RunTrigger
 from flywheel.publisher import EventPublisher
@@ -274,7 +274,7 @@ def test_a_drift_alert_queues_a_retrain(runner: RetrainRunner, home_env: dict[st
         try:
             assert worker.scheduler is not None and worker.scheduler.get_job(DRIFT_JOB_ID) is not None
             publisher = EventPublisher(settings, name="test").start()
-            alert = DriftAlertEvent(
+            alert = AlertEvent(
                 report_id="r1", model_version="v", drift_score=0.9, current_rows=500, reference_rows=900
             )
             publisher.publish(alert)

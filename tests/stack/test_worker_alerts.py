@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.database import Database
-from flywheel.events import DriftAlertEvent, Topic
+from flywheel.events import AlertEvent, Topic
 from flywheel.kafka import kafka_admin
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
@@ -39,8 +39,8 @@ def _allow_connections(url: str, allowed: bool) -> None:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
 
 
-def _alert(report_id: str) -> DriftAlertEvent:
-    return DriftAlertEvent(
+def _alert(report_id: str) -> AlertEvent:
+    return AlertEvent(
         report_id=report_id, model_version="v", drift_score=0.9, current_rows=500, reference_rows=900
     )
 
