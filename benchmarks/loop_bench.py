@@ -165,6 +165,9 @@ def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
     champion = {label: float(m["f1"]) for label, m in retained.items()}
     lines = []
     for record in run.candidates or []:
+        if record.get("skipped"):
+            lines.append(f"{record.get('name')!s:<6} not trained: {record['skipped']}")
+            continue
         classes = record.get("holdout_class_f1") or {}
         cells = []
         for label, before in sorted(champion.items()):

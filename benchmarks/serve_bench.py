@@ -9,6 +9,11 @@ forward batch, ``torch.inference_mode`` (PyTorch fp32, ONNX Runtime fp32 and int
 as the service batches (arrival order, gathered ``c`` at a time, sorted inside). The top concurrency runs in
 interleaved rounds, in a rotating order, so background load on shared CPUs hits every server alike.
 
+Then the logging service runs the same rounds with a shadow challenger (a second version holding the champion's
+files, so its pass costs what the champion's does) scoring every request, then one in five: the latency and
+throughput a shadow costs. A shadow is state of the home's database, seen by every server of the home, so those
+rounds cannot interleave with the others.
+
     python benchmarks/serve_bench.py --data ../shared/data/rotten_tomatoes.csv
     python benchmarks/serve_bench.py --quick          # smoke run: few requests, tiny training
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from servers import REPO, Server, cpu_seconds, free_port, peer, prepare_model, service
+from shadows import shadow_deployed, shadow_version, wait_shadowing
 
 from flywheel.broker import EmbeddedBroker
 from flywheel.logs import configure_logging
@@ -36,6 +42,9 @@ from flywheel.registry import ModelVersion
 from flywheel.runtime import load_classifier
 from flywheel.settings import Settings
 from service.serving import CPU_FORWARD_BATCH
+
+#: Shares of requests the shadow rounds score.
+SHADOW_SAMPLES = (1.0, 0.2)
 
 
 @dataclass
@@ -283,6 +292,16 @@ def main() -> None:
             batch = (texts_after - texts_before) / max(1.0, batches_after - batches_before)
             chunk = max(1, round(batch))
             raw_as_served = harmonic([raw.rate(served, min(chunk, CPU_FORWARD_BATCH), chunk=chunk) for _ in range(3)])
+            shadowed: dict[float, list[LoadResult]] = {}
+            shadow = shadow_version(entry, home)
+            for sample in SHADOW_SAMPLES:
+                with shadow_deployed(home, shadow, sample) as deployment_id:
+                    wait_shadowing(logged, broker.bootstrap, deployment_id)
+                    name = f"Flywheel ({served}), shadow at {sample:.0%}"
+                    for round_ in range(args.rounds):
+                        result = level(logged, texts, top, args.requests)
+                        shadowed.setdefault(sample, []).append(result)
+                        print(f"round {round_ + 1}: " + describe(name, result))
 
     print()
     print(f"| server | c={' | c='.join(map(str, levels))} texts/s | p50 ms at c={top} | p99 ms at c={top} | "
@@ -330,6 +349,15 @@ def main() -> None:
         print(check("c=1 p50 <= the naive peer's", p50_of(on, 1) <= p50_of(naive_name, 1),
                     f"{p50_of(on, 1):.1f} vs {p50_of(naive_name, 1):.1f} ms"))
     print(check("Kafka logging costs <= 3% of throughput", cost <= 0.03, f"{cost * 100:.1f}%"))
+    for sample, runs in shadowed.items():
+        rate = aggregate(runs)
+        shadow_p50 = float(np.median([r.percentile(50) for r in runs]))
+        shadow_p99 = float(np.median([r.percentile(99) for r in runs]))
+        print(
+            f"with a shadow at sample {sample:g} (c={top}, after the rounds above): {rate:.1f} texts/s "
+            f"({rate / mine - 1:+.1%} vs logging on), p50 {shadow_p50:.1f} ms ({shadow_p50 / p50 - 1:+.1%}), "
+            f"p99 {shadow_p99:.1f} ms ({shadow_p99 / p99 - 1:+.1%})"
+        )
     errors = sum(r.errors for by_level in results.values() for runs in by_level.values() for r in runs)
     if errors:
         print(f"{errors} requests failed")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
     from feedback.store import FeedbackStore
-    from flywheel.models.feedback import FeedbackSourcePublic
+    from flywheel.models.feedback import FeedbackPublic, FeedbackSourcePublic
+    from flywheel.settings import Settings
 
 app = typer.Typer()
 feedback_app = typer.Typer(help="The feedback store: annotations in, labels out, statistics, review.",
@@ -67,39 +69,66 @@ def ingest(
     )
 
 
+#: ``--format`` of `feedback import` and `feedback export`: the team's rows, or Label Studio's JSON tasks.
+ROWS, LABEL_STUDIO = "rows", "label-studio"
+Format = Annotated[str, typer.Option("--format", help="rows (CSV; JSONL too on import) or label-studio (JSON tasks).")]
+
+
+def _allowed_labels(settings: Settings, store: FeedbackStore) -> list[str] | None:
+    """The champion's labels and the ones an admin added, as POST /feedback allows; None without a champion."""
+    from flywheel.label_set import LabelSet
+    from flywheel.registry import ModelRegistry
+
+    registry = ModelRegistry(settings)
+    champion = registry.champion()
+    return [*registry.get(champion).card.labels, *LabelSet(store.database).added_names()] if champion else None
+
+
 @feedback_app.command("import")
 def feedback_import(
-    file: Annotated[Path, typer.Argument(help="CSV or JSONL with text and label columns.")],
+    file: Annotated[Path, typer.Argument(help="CSV or JSONL with text and label columns, or a Label Studio export.")],
     source: Annotated[
         str, typer.Option(help="Who labeled the file: its labels are vetted unless `flywheel sources trust` it.")
     ] = "annotation",
+    file_format: Format = ROWS,
 ) -> None:
-    """Import labeled texts from an annotation team; importing the same file again changes nothing."""
+    """Import labeled texts from an annotation team (of a Label Studio export: each task's newest annotation, for
+    the prediction the task came from when the store has it); importing the same file again changes nothing."""
     from feedback.annotations import read_annotations
+    from feedback.label_studio import import_tasks, read_export
     from feedback.store import feedback_event, open_store
-    from flywheel.label_set import LabelSet
     from flywheel.models.feedback import check_source
     from flywheel.publisher import EventPublisher
-    from flywheel.registry import ModelRegistry
 
     settings = load_settings()
     check_source(source)
-    annotations = read_annotations(file, settings.text_column, settings.label_column, None, settings.max_text_chars)
-    champion = ModelRegistry(settings).champion()
+    if file_format not in (ROWS, LABEL_STUDIO):
+        raise FlywheelError(f"unknown format {file_format!r}: use {ROWS} or {LABEL_STUDIO}")
+    if file_format == ROWS:
+        annotations = read_annotations(file, settings.text_column, settings.label_column, None, settings.max_text_chars)
     store = open_store(settings)
-    if champion:
-        # The champion's labels and the ones an admin added, as POST /feedback allows.
-        annotations.keep_labels(
-            [*ModelRegistry(settings).get(champion).card.labels, *LabelSet(store.database).added_names()]
-        )
-    if annotations.problems:
-        typer.echo(f"skipped {len(annotations.problems)} rows: {annotations.summary()}", err=True)
-    if not annotations.rows:
+    allowed = _allowed_labels(settings, store)
+    if file_format == LABEL_STUDIO:
+        tasks = read_export(file, allowed, settings.max_text_chars)
+        problems, summary, usable = tasks.problems, tasks.summary(), bool(tasks.items)
+    else:
+        if allowed is not None:
+            annotations.keep_labels(allowed)
+        problems, summary, usable = annotations.problems, annotations.summary(), bool(annotations.rows)
+    if problems:
+        typer.echo(f"skipped {len(problems)} rows: {summary}", err=True)
+    if not usable:
         store.database.dispose()
         raise FlywheelError(f"{file} has no usable rows")
     with EventPublisher(settings, name="import") as publisher:
-        result = store.import_labels(
-            annotations.rows, source, on_saved=lambda saved: publisher.publish(feedback_event(saved))
+
+        def on_saved(saved: FeedbackPublic) -> None:
+            publisher.publish(feedback_event(saved))
+
+        result = (
+            import_tasks(store, tasks, source, on_saved=on_saved)
+            if file_format == LABEL_STUDIO
+            else store.import_labels(annotations.rows, source, on_saved=on_saved)
         )
     store.database.dispose()
     kept = f", {result.used} kept (already used for training)" if result.used else ""
@@ -109,25 +138,35 @@ def feedback_import(
 
 @feedback_app.command("export")
 def feedback_export(
-    output: Annotated[Path | None, typer.Option(help="CSV file to write (default: standard output).")] = None,
+    output: Annotated[Path | None, typer.Option(help="File to write (default: standard output).")] = None,
     status: Annotated[str | None, typer.Option(help="Only pending, accepted, rejected or used feedback.")] = None,
+    file_format: Format = ROWS,
+    queue: Annotated[int | None, typer.Option(help="Export N review-queue items instead (label-studio).")] = None,
+    label_config: Annotated[Path | None, typer.Option(help="Write the labelling config (label-studio).")] = None,
 ) -> None:
-    """Write all feedback as CSV: text, label, source, status, then reasons, ids and vetting scores."""
+    """Write all feedback as CSV (text, label, source, status, then reasons, ids and vetting scores), or as Label
+    Studio tasks: labels as annotations, or with ``--queue N`` the review queue with the model's guesses."""
     from feedback.annotations import write_export
+    from feedback.label_studio import label_config as config_of
+    from feedback.label_studio import write_tasks
     from feedback.store import open_store
     from flywheel.models.feedback import FeedbackStatus
 
     if status is not None and status not in set(FeedbackStatus):
         raise FlywheelError(f"unknown status {status!r}: use one of {', '.join(FeedbackStatus)}")
-    store = open_store(load_settings())
+    if file_format != LABEL_STUDIO and (file_format != ROWS or queue is not None or label_config is not None):
+        raise FlywheelError(f"use --format {ROWS} or {LABEL_STUDIO}; --queue and --label-config need {LABEL_STUDIO}")
+    settings = load_settings()
+    store = open_store(settings)
     rows = store.export(FeedbackStatus(status) if status else None)
     try:
-        if output is None:
-            write_export(rows, sys.stdout)
-        else:
-            with output.open("w", encoding="utf-8", newline="") as handle:
-                count = write_export(rows, handle)
-            typer.echo(f"wrote {count} rows to {output}", err=True)
+        if label_config is not None:
+            label_config.write_text(config_of(_allowed_labels(settings, store) or []), encoding="utf-8")
+        with contextlib.ExitStack() as stack:
+            out = sys.stdout if output is None else stack.enter_context(output.open("w", encoding="utf-8", newline=""))
+            count = write_tasks(store, rows, queue, out) if file_format == LABEL_STUDIO else write_export(rows, out)
+        if output is not None:
+            typer.echo(f"wrote {count} {'tasks' if file_format == LABEL_STUDIO else 'rows'} to {output}", err=True)
     finally:
         store.database.dispose()
 

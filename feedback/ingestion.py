@@ -10,6 +10,9 @@ fresh one starts after a backoff and is re-delivered the uncommitted batch. Both
 ``flywheel_thread_up{thread="ingest"}`` and ``flywheel_thread_faults_total`` until batches go through again.
 Stored rows are then offered to the drift embedder (``flywheel.embedding``), a thread of its own that embeds them
 once for drift reports; ingestion never waits for it, and its failures cost no prediction.
+
+Shadow predictions (``PredictionEvent.shadow``) go to their own table, ``shadow_prediction``, in the same batch and
+with the same guarantees: drift windows, label shares and the review queue read ``prediction`` and never see them.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from feedback.prediction_rows import InvalidPredictionError, prediction_row
+from feedback.prediction_rows import InvalidPredictionError, prediction_row, shadow_row
 from feedback.store import FeedbackStore
+from feedback.vetting import insert_for
 from flywheel.embedding import PredictionEmbedder
 from flywheel.errors import FlywheelError
 from flywheel.events import DeadLetterEvent, EventDecodeError, PredictionEvent, Topic, decode, encode, utcnow
 from flywheel.kafka import kafka_consumer, kafka_producer
+from flywheel.models.deployment import ShadowPrediction
 from flywheel.retry import failure
 from flywheel.settings import Settings
 from flywheel.supervision import Supervised, describe
@@ -66,6 +71,8 @@ class IngestStats:
     inserted: int = 0
     duplicates: int = 0
     joined: int = 0
+    #: Shadow predictions written to their table (a re-delivered one is counted again, stored once).
+    shadowed: int = 0
     dead_lettered: int = 0
     retries: int = 0
     batches: int = 0
@@ -76,6 +83,8 @@ class IngestStats:
 class _Batch:
     rows: list[dict[str, Any]] = field(default_factory=list)
     origins: list[tuple[TopicPartition, int, bytes]] = field(default_factory=list)
+    shadows: list[dict[str, Any]] = field(default_factory=list)
+    shadow_origins: list[tuple[TopicPartition, int, bytes]] = field(default_factory=list)
     dead: list[DeadLetterEvent] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -202,6 +211,8 @@ class PredictionIngestor:
         batch = self._decode(records)
         if batch.rows:
             self._with_retry(consumer, lambda: self._write(batch))
+        if batch.shadows:
+            self._with_retry(consumer, lambda: self._write_shadows(batch))
         if batch.dead:
             self._with_retry(consumer, lambda: self._dead_letter(producer, batch.dead))
         offsets = {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in batch.offsets.items()}
@@ -224,6 +235,10 @@ class PredictionIngestor:
                     event = decode(Topic.PREDICTIONS, payload)
                     if not isinstance(event, PredictionEvent):
                         raise EventDecodeError(f"expected a PredictionEvent, got {type(event).__name__}")
+                    if event.shadow is not None:
+                        batch.shadows.append(shadow_row(event, now))
+                        batch.shadow_origins.append((tp, message.offset, payload))
+                        continue
                     batch.rows.append(prediction_row(event, now))
                     batch.origins.append((tp, message.offset, payload))
                 except (EventDecodeError, InvalidPredictionError) as exc:
@@ -255,6 +270,30 @@ class PredictionIngestor:
         self.stats.joined += sum(result.joined for result in results)
         self._events.labels("inserted").inc(inserted)
         self._events.labels("duplicate").inc(duplicates)
+
+    def _write_shadows(self, batch: _Batch) -> None:
+        """Insert the batch's shadow rows (re-deliveries ignored); one by one when the database refuses the lot."""
+
+        def insert(rows: list[dict[str, Any]]) -> None:
+            with self.store.database.session() as session:
+                statement = insert_for(session)(ShadowPrediction).on_conflict_do_nothing(
+                    index_elements=["prediction_id", "deployment_id"]
+                )
+                session.connection().execute(statement, rows)
+
+        stored = len(batch.shadows)
+        try:
+            insert(batch.shadows)
+        except ROW_ERRORS as exc:
+            logger.warning("shadow rows rejected by the database (%s); writing them one by one", exc.orig)
+            for row, (tp, offset, payload) in zip(batch.shadows, batch.shadow_origins, strict=True):
+                try:
+                    insert([row])
+                except ROW_ERRORS as row_exc:
+                    stored -= 1
+                    batch.dead.append(self._letter(tp, offset, payload, f"database rejected it: {row_exc.orig}"))
+        self.stats.shadowed += stored
+        self._events.labels("shadow").inc(stored)
 
     def _dead_letter(self, producer: KafkaProducer, letters: list[DeadLetterEvent]) -> None:
         futures = [producer.send(Topic.DLQ.value, value=encode(letter)) for letter in letters]

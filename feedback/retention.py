@@ -17,11 +17,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, exists
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from flywheel.access import AuditLog
 from flywheel.database import Database
 from flywheel.events import Topic, utcnow
+from flywheel.models.deployment import ShadowPrediction
+from flywheel.models.desk import DeskEntry, DeskLease
 from flywheel.models.drift import DriftTarget
 from flywheel.models.feedback import Feedback, Prediction
 from flywheel.spill import Record, SpillFile
@@ -58,12 +60,18 @@ def expire_predictions(database: Database, days: float, now: datetime | None = N
             )
             if not ids:
                 break
-            session.execute(delete(DriftTarget).where(col(DriftTarget.prediction_id).in_(ids)))
-            session.execute(delete(Prediction).where(col(Prediction.prediction_id).in_(ids)))
+            _delete_predictions(session, ids)
         total += len(ids)
     if total:
         logger.info("retention: deleted %d predictions older than %g days", total, days)
     return total
+
+
+def _delete_predictions(session: Session, ids: list[str]) -> None:
+    """Delete predictions ``ids`` with the rows that point at them: drift targets, desk leases and entries, shadows."""
+    for table in (DriftTarget, DeskLease, DeskEntry, ShadowPrediction):
+        session.execute(delete(table).where(col(table.prediction_id).in_(ids)))
+    session.execute(delete(Prediction).where(col(Prediction.prediction_id).in_(ids)))
 
 
 def forget_client(database: Database, home: Path, client_id: str, actor: str) -> Forgotten:
@@ -75,8 +83,7 @@ def forget_client(database: Database, home: Path, client_id: str, actor: str) ->
             chunk = ids[start : start + _BATCH]
             result = session.execute(delete(Feedback).where(col(Feedback.prediction_id).in_(chunk)))
             feedback += int(getattr(result, "rowcount", 0) or 0)
-            session.execute(delete(DriftTarget).where(col(DriftTarget.prediction_id).in_(chunk)))
-            session.execute(delete(Prediction).where(col(Prediction.prediction_id).in_(chunk)))
+            _delete_predictions(session, chunk)
     spilled, held = _forget_spilled(home / "spill", client_id)
     forgotten = Forgotten(len(ids), feedback, spilled, held)
     AuditLog(database).record(

@@ -11,10 +11,12 @@ needs one.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from fastapi import HTTPException, Request
 
 from flywheel.access import Caller, Principals, matches
+from flywheel.http import read_body
 from flywheel.models.access import Role
 from flywheel.sessions import SessionSigner
 
@@ -86,6 +88,27 @@ class Access:
             raise HTTPException(403, f"{caller.name} is a {caller.role}; this needs the {role} role")
 
         return check
+
+    def require_form(
+        self, role: Role, limit: int
+    ) -> Callable[[Request], Awaitable[tuple[Caller, dict[str, str]]]]:
+        """A dependency for HTML form posts: the caller once it may act as ``role``, and the form's fields.
+
+        A plain form cannot send headers, so its ``csrf_token`` field stands in for the CSRF header and is checked by
+        the same code as the header (a header sent as well wins). Bodies over ``limit`` bytes get 413.
+        """
+        check = self.require(role)
+
+        async def posted(request: Request) -> tuple[Caller, dict[str, str]]:
+            body = await read_body(request, limit, "form")
+            query = parse_qs(body.decode(errors="replace"), keep_blank_values=True)
+            fields = {key: values[0] for key, values in query.items()}
+            if CSRF_HEADER not in request.headers:
+                token = (CSRF_HEADER.lower().encode(), fields.get("csrf_token", "").encode("latin-1", "replace"))
+                request = Request({**request.scope, "headers": [*request.scope["headers"], token]}, request.receive)
+            return await check(request), fields
+
+        return posted
 
 
 def _refuse_while_loading(principals: Principals) -> None:

@@ -18,6 +18,7 @@ from flywheel.settings import Settings
 
 if TYPE_CHECKING:
     from flywheel.database import Database
+    from flywheel.deployments import DeploymentStore
 
 app = typer.Typer(no_args_is_help=True)
 models_app = typer.Typer(help="Inspect the model registry and move the champion pointer.", no_args_is_help=True)
@@ -98,7 +99,8 @@ def models_show(version: str) -> None:
 
 @models_app.command("promote")
 def models_promote(version: str) -> None:
-    """Make VERSION the champion; serving processes pick it up without a restart."""
+    """Make VERSION the champion; serving processes pick it up without a restart. A shadow or canary of VERSION
+    ends as promoted."""
     from flywheel.registry import ModelRegistry
 
     change = ModelRegistry(load_settings()).promote(version, reason="manual promote")
@@ -116,13 +118,107 @@ def models_rollback() -> None:
     typer.echo(f"champion: {change.previous} -> {change.version}")
 
 
+@models_app.command("shadow")
+def models_shadow(
+    version: str,
+    sample: Annotated[float, typer.Option(help="Share of live requests the shadow also scores (0-1].")] = 0.2,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the shadow of VERSION instead.")] = False,
+    reason: Annotated[str, typer.Option(help="Why it stops, for the record.")] = "stopped by hand",
+    actor: Annotated[str, typer.Option("--as", help="Who does it, for the audit log.")] = "cli",
+) -> None:
+    """Deploy VERSION as a shadow: a sample of live requests is also scored by it and logged, never returned (a
+    challenger deployed before ends as replaced); --stop ends it."""
+    from flywheel.models.deployment import DeploymentCreate, DeploymentMode, DeploymentOutcome
+
+    with _deployments() as store:
+        if stop:
+            store.end(version, DeploymentMode.SHADOW, DeploymentOutcome.STOPPED, actor=actor, reason=reason)
+            typer.echo(f"shadow of {version} stopped; `flywheel models compare {version}` shows its figures")
+            return
+        started = store.start(DeploymentCreate(version=version, mode=DeploymentMode.SHADOW, share=sample), actor)
+    typer.echo(
+        f"shadow of {version} on {sample:.0%} of requests beside champion {started.champion_version}; every "
+        f"service follows within FLYWHEEL_RELOAD_INTERVAL seconds; `flywheel models compare {version}` compares"
+    )
+
+
+@models_app.command("canary")
+def models_canary(
+    version: str,
+    share: Annotated[float | None, typer.Option(help="Share of callers it answers (0-1].")] = None,
+    withdraw: Annotated[bool, typer.Option("--withdraw", help="Withdraw the canary of VERSION instead.")] = False,
+    reason: Annotated[str, typer.Option(help="Why it is withdrawn, for the record.")] = "withdrawn by hand",
+    actor: Annotated[str, typer.Option("--as", help="Who does it, for the audit log.")] = "cli",
+) -> None:
+    """Deploy VERSION as a canary answering --share of callers (by client id, else principal: each caller always
+    the same model); withdrawn automatically when worse on feedback; `models promote VERSION` finishes it."""
+    from flywheel.models.deployment import DeploymentCreate, DeploymentMode, DeploymentOutcome
+
+    with _deployments() as store:
+        if withdraw:
+            store.end(version, DeploymentMode.CANARY, DeploymentOutcome.WITHDRAWN, actor=actor, reason=reason)
+            typer.echo(f"canary {version} withdrawn: the champion answers every caller again")
+            return
+        if share is None:
+            raise FlywheelError(f"say how many callers it answers: flywheel models canary {version} --share 0.1")
+        started = store.start(DeploymentCreate(version=version, mode=DeploymentMode.CANARY, share=share), actor)
+    typer.echo(
+        f"canary {version} answers {share:.0%} of callers beside champion {started.champion_version}; "
+        f"`flywheel models compare {version}` compares, `flywheel models promote {version}` finishes it"
+    )
+
+
+@models_app.command("compare")
+def models_compare(
+    version: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """VERSION's latest shadow or canary against the served model: rows, agreement, confidence shift, label shares,
+    both sides' accuracy on the feedback that arrived for those requests."""
+    from flywheel.comparison import comparison
+
+    with _database() as database:
+        figures = comparison(database, version)
+    if as_json:
+        typer.echo(figures.model_dump_json(indent=2))
+        return
+    console.print(figures.render())
+
+
+@models_app.command("challengers")
+def models_challengers(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20) -> None:
+    """Shadow and canary deployments: version, share, who started it, and how and why it ended."""
+    with _deployments() as store:
+        deployments = store.history(limit)
+    table = Table("started", "version", "mode", "share", "by", "champion", "ended", "outcome", "reason")
+    for item in deployments:
+        ended = f"{item.ended_at:%Y-%m-%d %H:%M} by {item.ended_by}" if item.ended_at else "active"
+        table.add_row(
+            f"{item.started_at:%Y-%m-%d %H:%M}", item.version, item.mode, f"{item.share:.0%}", item.started_by,
+            item.champion_version or "-", ended, item.outcome or "", item.reason or "",
+        )
+    console.print(table)
+
+
+@contextmanager
+def _deployments() -> Iterator[DeploymentStore]:
+    from flywheel.deployments import DeploymentStore
+    from flywheel.registry import ModelRegistry
+
+    with _database() as database:
+        yield DeploymentStore(database, ModelRegistry(load_settings()))
+
+
 def _audit_champion(action: str, version: str, previous: str | None) -> None:
     from flywheel.access import AuditLog
     from flywheel.database import DatabaseError
+    from flywheel.deployments import DeploymentStore
 
     try:
         with _database() as database:
             AuditLog(database).record("cli", action, version, previous=previous)
+            if action == "model.promote" and (ended := DeploymentStore(database).finish_promoted(version, "cli")):
+                typer.echo(f"the {ended.mode} of {version} ended: promoted")
     except DatabaseError as exc:
         # The pointer moved already; say plainly that this change is missing from the audit log.
         typer.echo(f"warning: {action} {version} not written to the audit log: {exc}", err=True)

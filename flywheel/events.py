@@ -46,20 +46,46 @@ class Event(BaseModel):
         return None
 
 
+class Shadowed(BaseModel):
+    """What a shadow prediction shadows: the deployment, and the served model's answer to the same request."""
+
+    deployment_id: str
+    served_version: str
+    served_label: str
+    served_confidence: float
+
+
 class PredictionEvent(Event):
-    """One text classified by the service."""
+    """One text classified by the service; with ``shadow`` set, by a shadow challenger beside the served model.
+
+    Version 2 added ``shadow``. A shadow prediction was never returned to the caller: it carries the id of the live
+    prediction it shadows, the challenger's version, label and scores, the served answer, and no text (the live
+    prediction has it). A reader from before version 2 refuses one as malformed (its text is null) and dead-letters
+    it, so it never stores a shadow prediction as live traffic; a version-1 event reads as a live prediction.
+    """
 
     topic: ClassVar[Topic] = Topic.PREDICTIONS
 
+    schema_version: int = 2
     prediction_id: str
     model_version: str
-    text: str
+    #: Every live prediction has its text; a shadow prediction has none.
+    text: str | None = None
     label: str
     confidence: float
     scores: dict[str, float]
     latency_ms: float
     truncated: bool = False
     client_id: str | None = None
+    shadow: Shadowed | None = None
+
+    @model_validator(mode="after")
+    def _text_unless_shadow(self) -> PredictionEvent:
+        if self.shadow is None and self.text is None:
+            raise ValueError("a live prediction needs its text")
+        if self.shadow is not None and self.text is not None:
+            raise ValueError("a shadow prediction carries no text: the live prediction it shadows has it")
+        return self
 
     def key(self) -> bytes:
         return self.prediction_id.encode()

@@ -1,9 +1,10 @@
 """The drift pages' HTML, from the Jinja2 templates in ``monitoring/templates``.
 
 The index page lists every run with its verdict and draws, as inline SVG (no script, no CDN), the drift score over
-time and each predicted label's share of every hour's predictions. The charts' geometry is computed here; the
-templates only place the numbers and strings they are given, and autoescape escapes every value, so report ids,
-verdicts, signal names, label names, model versions and messages cannot inject markup.
+time and each predicted label's share of every hour's predictions. The charts' points are computed here, on the
+plot area of ``flywheel.charts``; the templates only place the numbers and strings they are given, and autoescape
+escapes every value, so report ids, verdicts, signal names, label names, model versions and messages cannot inject
+markup.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import datetime, timedelta
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from flywheel.charts import LEFT, PLOT_W, AxisLabel, Frame, y_of
 from flywheel.models.drift import DriftReportPublic
 from monitoring.label_share import HourlyCount, LabelShareCheck
 
@@ -24,8 +26,6 @@ LABEL_COLOURS = (
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
 )  # fmt: skip
 LABEL_DASHES = ("", "6 3", "2 3", "9 3 2 3")
-WIDTH, HEIGHT = 920, 260
-LEFT, RIGHT, TOP, BOTTOM = 48, 16, 16, 40
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -56,14 +56,6 @@ def render(template: str, **context: object) -> str:
 
 
 @dataclass(frozen=True)
-class Tick:
-    """A horizontal grid line of the chart at drift score ``label``."""
-
-    y: float
-    label: str
-
-
-@dataclass(frozen=True)
 class Dot:
     """One run on the chart, linking to its report; hollow when the run has no drift score."""
 
@@ -76,55 +68,28 @@ class Dot:
     tip: str
 
 
-@dataclass(frozen=True)
-class AxisLabel:
-    """A time label under the x axis."""
-
-    x: float
-    anchor: str
-    text: str
-
-
-@dataclass(frozen=True)
-class ScoreChart:
+@dataclass(frozen=True, kw_only=True)
+class ScoreChart(Frame):
     """Everything ``drift_chart.html`` draws, in SVG user units."""
 
-    width: int = WIDTH
-    height: int = HEIGHT
-    left: int = LEFT
-    top: int = TOP
-    plot_w: int = WIDTH - LEFT - RIGHT
-    plot_h: int = HEIGHT - TOP - BOTTOM
-    ticks: list[Tick] = field(default_factory=list)
     line: str = ""
     dots: list[Dot] = field(default_factory=list)
-    labels: list[AxisLabel] = field(default_factory=list)
-
-    @property
-    def middle_x(self) -> float:
-        return self.left + self.plot_w / 2
-
-    @property
-    def middle_y(self) -> float:
-        return self.top + self.plot_h / 2
 
 
 def score_chart(reports: list[DriftReportPublic]) -> ScoreChart:
     """Drift score (share of signals that fired) per run, oldest left; runs without a verdict sit on the axis."""
     runs = sorted(reports, key=lambda r: r.created_at)
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    ticks = [Tick(TOP + plot_h * (1 - tick), f"{tick:g}") for tick in (0.0, 0.25, 0.5, 0.75, 1.0)]
     if not runs:
-        return ScoreChart(ticks=ticks)
+        return ScoreChart()
     start = runs[0].created_at.timestamp()
     span = max(runs[-1].created_at.timestamp() - start, 1.0)
 
     def x_of(run: DriftReportPublic) -> float:
         if len(runs) == 1:
-            return LEFT + plot_w / 2
-        return LEFT + plot_w * (run.created_at.timestamp() - start) / span
+            return LEFT + PLOT_W / 2
+        return LEFT + PLOT_W * (run.created_at.timestamp() - start) / span
 
-    points = [f"{x_of(r):.1f},{TOP + plot_h * (1 - r.drift_score):.1f}" for r in runs if r.drift_score is not None]
+    points = [f"{x_of(r):.1f},{y_of(r.drift_score):.1f}" for r in runs if r.drift_score is not None]
     dots = []
     for run in runs:
         colour = VERDICT_COLOURS.get(run.verdict, "#333")
@@ -138,7 +103,7 @@ def score_chart(reports: list[DriftReportPublic]) -> ScoreChart:
                 report_id=run.report_id,
                 verdict=run.verdict,
                 cx=x_of(run),
-                cy=TOP + plot_h * (1 - (run.drift_score or 0.0)),
+                cy=y_of(run.drift_score or 0.0),
                 fill="#fff" if run.drift_score is None else colour,
                 stroke=colour,
                 tip=tip,
@@ -146,7 +111,7 @@ def score_chart(reports: list[DriftReportPublic]) -> ScoreChart:
         )
     ends = ((runs[0], "start"), (runs[-1], "end")) if len(runs) > 1 else ((runs[0], "middle"),)
     labels = [AxisLabel(x_of(run), anchor, f"{run.created_at:%Y-%m-%d %H:%M} UTC") for run, anchor in ends]
-    return ScoreChart(ticks=ticks, line=" ".join(points) if len(points) > 1 else "", dots=dots, labels=labels)
+    return ScoreChart(line=" ".join(points) if len(points) > 1 else "", dots=dots, labels=labels)
 
 
 @dataclass(frozen=True)
@@ -172,29 +137,13 @@ class ShareLine:
     reference_y: float | None = None
 
 
-@dataclass(frozen=True)
-class ShareChart:
+@dataclass(frozen=True, kw_only=True)
+class ShareChart(Frame):
     """Everything ``label_share_chart.html`` draws, in SVG user units, over the last ``hours`` hours."""
 
     hours: int
     predictions: int = 0
-    width: int = WIDTH
-    height: int = HEIGHT
-    left: int = LEFT
-    top: int = TOP
-    plot_w: int = WIDTH - LEFT - RIGHT
-    plot_h: int = HEIGHT - TOP - BOTTOM
-    ticks: list[Tick] = field(default_factory=list)
     lines: list[ShareLine] = field(default_factory=list)
-    labels: list[AxisLabel] = field(default_factory=list)
-
-    @property
-    def middle_x(self) -> float:
-        return self.left + self.plot_w / 2
-
-    @property
-    def middle_y(self) -> float:
-        return self.top + self.plot_h / 2
 
 
 def share_chart(
@@ -204,17 +153,12 @@ def share_chart(
 
     Labels keep the reference's order (the model's), then the others by name, so a label keeps its colour.
     """
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    ticks = [Tick(TOP + plot_h * (1 - tick), f"{tick:g}") for tick in (0.0, 0.25, 0.5, 0.75, 1.0)]
     last = end.replace(minute=0, second=0, microsecond=0)
     first = last - timedelta(hours=hours - 1)
     slots = max(hours - 1, 1)
 
     def x_of(hour: datetime) -> float:
-        return LEFT + plot_w * ((hour - first).total_seconds() / 3600) / slots
-
-    def y_of(share: float) -> float:
-        return TOP + plot_h * (1 - share)
+        return LEFT + PLOT_W * ((hour - first).total_seconds() / 3600) / slots
 
     totals: dict[datetime, int] = defaultdict(int)
     by_label: dict[str, dict[datetime, int]] = defaultdict(dict)
@@ -258,9 +202,9 @@ def share_chart(
         )
     labels = [
         AxisLabel(LEFT, "start", f"{first:%Y-%m-%d %H}:00 UTC"),
-        AxisLabel(LEFT + plot_w, "end", f"{last:%Y-%m-%d %H}:00 UTC"),
+        AxisLabel(LEFT + PLOT_W, "end", f"{last:%Y-%m-%d %H}:00 UTC"),
     ]
-    return ShareChart(hours=hours, predictions=sum(totals.values()), ticks=ticks, lines=lines, labels=labels)
+    return ShareChart(hours=hours, predictions=sum(totals.values()), lines=lines, labels=labels)
 
 
 def index_page(reports: list[DriftReportPublic], total: int, shares: ShareChart | None = None) -> str:

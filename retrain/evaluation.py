@@ -54,13 +54,17 @@ class Metrics(BaseModel):
 def score(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> Metrics:
     """Metrics of predictions against the truth over a fixed label order."""
     labels = list(labels)
+    # Macro-F1 over the labels that occur, as scikit-learn's default does: a class the set has no row of and that
+    # was never predicted (a label added after the holdout was frozen) would otherwise count as an F1 of 0.
+    seen = set(y_true) | set(y_pred)
+    occurring = [label for label in labels if label in seen] or labels
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
     return Metrics(
         rows=len(y_true),
         accuracy=round(float(accuracy_score(y_true, y_pred)), 6),
-        macro_f1=round(float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6),
+        macro_f1=round(float(f1_score(y_true, y_pred, labels=occurring, average="macro", zero_division=0)), 6),
         per_class={
             label: ClassMetrics(
                 precision=round(float(p), 6), recall=round(float(r), 6), f1=round(float(f), 6), support=int(s)

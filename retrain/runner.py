@@ -29,6 +29,7 @@ from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces
 from retrain.lease import RetrainLock
 from retrain.pipeline import TrainingPipeline
 from retrain.promotion import Promoter, RunNotFoundError, starting_point
+from retrain.shadow_phase import ShadowPhase
 from retrain.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class RetrainRunner:
         self.progress = progress
         self.lock = RetrainLock(database, settings.retrain_lease_seconds)
         self.promoter = Promoter(database, registry, self.lock)
+        self.shadow_phase = ShadowPhase(settings, database, registry, self.lock)
 
     # History
 
@@ -237,15 +239,11 @@ class RetrainRunner:
             self._finish(run_id, RunStatus.REJECTED, decision.reason + note, started)
             return
         # A compare-and-swap from the champion the run started from, fenced by the lease; the labels are marked used
-        # in the same transaction that records the promotion (``retrain.promotion`` lists the crash windows).
-        self.promoter.promote(
-            run_id,
-            challenger=best.version.version,
-            expected=start.expected,
-            feedback_ids=data.feedback_train_ids,
-            reason=(decision.reason + note)[:1000],
-            started=started,
-        )
+        # in the same transaction that records the promotion (``retrain.promotion`` lists the crash windows). With a
+        # shadow phase the challenger is deployed as a shadow first, and the worker promotes it later the same way.
+        promote = self.shadow_phase.begin if self.settings.retrain_shadow_minutes else self.promoter.promote
+        promote(run_id, challenger=best.version.version, expected=start.expected, feedback_ids=data.feedback_train_ids,
+                reason=(decision.reason + note)[:1000], started=started)
 
     def _gain(self, scored: Scored, baseline: Scored, data: RetrainData) -> tuple[float, float]:
         """Paired-bootstrap interval of ``scored``'s held-out feedback macro-F1 minus ``baseline``'s."""

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from feedback.api import create_router as feedback_routes
+from feedback.desk import create_router as desk_routes
 from flywheel.access import Principals
 from flywheel.admission import DeadlineExceededError, OverloadedError
 from flywheel.auth import Access
@@ -45,7 +46,9 @@ from flywheel.sessions import SessionSigner, load_secret
 from flywheel.settings import Settings
 from monitoring.api import create_router as drift_routes
 from retrain.api import create_router as retrain_routes
+from retrain.models_page import create_router as models_page_routes
 from service.batcher import InferenceError, NoModelError
+from service.deployments import create_router as challenger_routes
 from service.login import create_router as login_routes
 from service.metrics import service_metrics
 from service.predict import create_router as prediction_routes
@@ -81,8 +84,10 @@ def create_app(
     )
     app.include_router(prediction_routes(settings, publisher, serving, service_metrics(), access))
     app.include_router(login_routes(access))
-    for routes in (feedback_routes, retrain_routes, drift_routes):
+    for routes in (feedback_routes, desk_routes, retrain_routes, models_page_routes, drift_routes, challenger_routes):
         app.include_router(routes(settings, database, publisher, serving.entry, access))
+    # The challenger deployed beside the champion is read from this worker's database.
+    serving.follow_challengers(database)
 
     @app.exception_handler(BadRequestError)
     async def _rejected(_: Request, exc: BadRequestError) -> JSONResponse:

@@ -7,6 +7,11 @@ by exactly one model. The gathered texts are sorted by length and run in forward
 on CPU, gathering widely (less padding) but computing in small slices (activations stay in cache) was measured
 fastest.
 
+With a challenger deployed (``service.challenger``), a canary answers the requests of the callers it draws, in a
+forward pass of its own over their texts; a shadow scores a sample of the champion's requests in its own forward
+pass after their answers were handed back, so a caller never waits for it, and hands each request's two results to
+the request's shadow sink. Throughput is measured over all of it: a shadow's passes take the thread's time too.
+
 Each text is cut to ``CHARS_PER_TOKEN`` characters per token the model reads before it is tokenized. When a forward
 pass fails, each request of the batch is run again on its own, so a text that breaks the model fails only its own
 request: with 422 when the model classifies other texts (another request of the batch, or the text it classified
@@ -32,6 +37,7 @@ import numpy as np
 
 from flywheel.admission import DeadlineExceededError, drop_reason, hand_over
 from flywheel.errors import BadRequestError, FlywheelError
+from service.challenger import Challenger
 from service.champion import PROBE_TEXT, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -63,8 +69,21 @@ class BatchResult:
     truncated: list[bool]
 
 
+@dataclass(frozen=True)
+class ShadowScores:
+    """One request's answer and what the shadow challenger of ``deployment_id`` said about the same texts."""
+
+    deployment_id: str
+    served: BatchResult
+    shadow: BatchResult
+
+
+#: Receives a shadowed request's scores, on the inference thread; it must not block.
+ShadowSink = Callable[[ShadowScores], None]
+
+
 class _Job:
-    __slots__ = ("deadline", "future", "loop", "texts")
+    __slots__ = ("deadline", "future", "loop", "on_shadow", "route_key", "texts")
 
     def __init__(
         self,
@@ -72,11 +91,16 @@ class _Job:
         future: asyncio.Future[BatchResult],
         loop: asyncio.AbstractEventLoop,
         deadline: float,
+        *,
+        route_key: str | None,
+        on_shadow: ShadowSink | None,
     ) -> None:
         self.texts = texts
         self.future = future
         self.loop = loop
         self.deadline = deadline
+        self.route_key = route_key
+        self.on_shadow = on_shadow
 
 
 #: Called after each batch with (texts, requests, seconds of inference).
@@ -96,10 +120,12 @@ class MicroBatcher:
         max_wait_ms: float,
         forward_batch_size: int,
         *,
+        current_challenger: Callable[[], Challenger | None] = lambda: None,
         observer: BatchObserver | None = None,
         on_drop: DropObserver | None = None,
     ) -> None:
         self.current_model = current_model
+        self.current_challenger = current_challenger
         self.max_batch_size = max_batch_size
         self.forward_batch_size = forward_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -112,15 +138,26 @@ class MicroBatcher:
         self._peak = 0
         self._thread: threading.Thread | None = None
 
-    async def submit(self, texts: list[str], deadline: float = math.inf) -> BatchResult:
+    async def submit(
+        self,
+        texts: list[str],
+        deadline: float = math.inf,
+        *,
+        route_key: str | None = None,
+        on_shadow: ShadowSink | None = None,
+    ) -> BatchResult:
         """Classify ``texts`` in the next batch that has room for all of them, unless ``deadline`` (a
-        ``time.monotonic()`` instant) passes first; cancelling the caller drops the job before compute."""
+        ``time.monotonic()`` instant) passes first; cancelling the caller drops the job before compute.
+
+        ``route_key`` names the caller for a canary's routing; ``on_shadow``, when a shadow samples the request,
+        receives its scores after the answer went out.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[BatchResult] = loop.create_future()
         with self._lock:
             self._outstanding += 1
             self._peak = max(self._peak, self._outstanding)
-        self._queue.put(_Job(texts, future, loop, deadline))
+        self._queue.put(_Job(texts, future, loop, deadline, route_key=route_key, on_shadow=on_shadow))
         return await future
 
     def start(self) -> MicroBatcher:
@@ -190,14 +227,38 @@ class MicroBatcher:
             self._process(jobs)
 
     def _process(self, jobs: list[_Job]) -> None:
-        # Read the reference once: the whole batch runs on, and reports, this one model.
+        # Read the references once: each request of the batch runs on, and reports, one model.
         model = self.current_model()
         if model is None:
             error: BaseException = NoModelError("no champion model loaded yet: train and promote one first")
             self._settle(jobs, [error] * len(jobs))
             return
-        texts = [text for job in jobs for text in job.texts]
+        challenger = self.current_challenger()
+        if challenger is not None and challenger.version == model.version:
+            challenger = None  # promoted meanwhile: the champion serves it already
         started = time.perf_counter()
+        ours, theirs = jobs, []
+        if challenger is not None and not challenger.shadow:
+            ours = [job for job in jobs if not challenger.answers(job.route_key)]
+            theirs = [job for job in jobs if challenger.answers(job.route_key)]
+        # Each side's answers go out as soon as its pass is done.
+        answers = self._answer(model, ours) if ours else []
+        self._settle(ours, answers)
+        if challenger is not None and theirs:
+            self._settle(theirs, self._answer(challenger.model, theirs))
+        if challenger is not None and challenger.shadow:
+            self._shadow(challenger, [
+                (job, result)
+                for job, result in zip(ours, answers, strict=True)
+                if job.on_shadow is not None and isinstance(result, BatchResult) and challenger.samples()
+            ])
+        seconds = time.perf_counter() - started
+        if self.observer is not None:
+            self.observer(sum(len(job.texts) for job in jobs), len(jobs), seconds)
+
+    def _answer(self, model: ServedModel, jobs: list[_Job]) -> list[BatchResult | BaseException]:
+        """Each job's share of one pass of ``model`` over their texts; alone when the pass fails."""
+        texts = [text for job in jobs for text in job.texts]
         try:
             whole = self._classify(model, texts)
         except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, only its requests may fail
@@ -208,17 +269,40 @@ class MicroBatcher:
                 model.version,
                 _describe(exc),
             )
-            results = self._isolate(model, jobs, exc)
-        else:
-            results, start = [], 0
-            for job in jobs:
-                end = start + len(job.texts)
-                results.append(BatchResult(model, whole.probs[start:end], whole.truncated[start:end]))
-                start = end
-        seconds = time.perf_counter() - started
-        self._settle(jobs, results)
-        if self.observer is not None:
-            self.observer(len(texts), len(jobs), seconds)
+            return self._isolate(model, jobs, exc)
+        results: list[BatchResult | BaseException] = []
+        start = 0
+        for job in jobs:
+            end = start + len(job.texts)
+            results.append(BatchResult(model, whole.probs[start:end], whole.truncated[start:end]))
+            start = end
+        return results
+
+    def _shadow(self, challenger: Challenger, sampled: list[tuple[_Job, BatchResult]]) -> None:
+        """The shadow's pass over the sampled requests, handed to their sinks; a failure costs only the shadow."""
+        if not sampled:
+            return
+        texts = [text for job, _ in sampled for text in job.texts]
+        try:
+            whole = self._classify(challenger.model, texts)
+        except Exception as exc:  # noqa: BLE001 - the answers went out already; only the shadow's figures miss them
+            logger.warning("shadow %s failed on %d texts (%s); those requests are not shadowed", challenger.version,
+                           len(texts), _describe(exc))
+            return
+        start = 0
+        for job, served in sampled:
+            end = start + len(job.texts)
+            scores = ShadowScores(
+                challenger.deployment.deployment_id,
+                served,
+                BatchResult(challenger.model, whole.probs[start:end], whole.truncated[start:end]),
+            )
+            start = end
+            try:
+                if job.on_shadow is not None:
+                    job.on_shadow(scores)
+            except Exception:
+                logger.exception("the shadow sink of a request failed; its shadow predictions are lost")
 
     def _classify(self, model: ServedModel, texts: list[str]) -> BatchResult:
         budget = model.classifier.max_length * CHARS_PER_TOKEN

@@ -65,6 +65,26 @@ class ServedModel:
         )
 
 
+def load_model(registry: ModelRegistry, settings: Settings, version: str) -> ServedModel:
+    """``version`` loaded in its runtime (see ``flywheel.runtime``), proven to classify before it serves."""
+    started = time.perf_counter()
+    entry = registry.get(version)
+    classifier = load_classifier(entry, settings)
+    # A first forward pass here, not on a live request, and proof that the model runs before it serves.
+    classifier.predict_proba([PROBE_TEXT])
+    logger.info("loaded model %s in %.1fs", version, time.perf_counter() - started)
+    return ServedModel(classifier, entry)
+
+
+def collect(on_gpu: bool) -> None:
+    """Free the weights of a model just dropped (once the batch still using it finishes), promptly."""
+    gc.collect()
+    if on_gpu:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 class ChampionWatcher:
     """Keeps the champion loaded; a background thread polls the pointer and swaps in a newly promoted model.
 
@@ -214,13 +234,7 @@ class ChampionWatcher:
             self._refused = None
 
     def _load(self, version: str) -> ServedModel:
-        started = time.perf_counter()
-        entry = self.registry.get(version)
-        classifier = load_classifier(entry, self.settings)
-        # A first forward pass here, not on a live request, and proof that the model runs before it serves.
-        classifier.predict_proba([PROBE_TEXT])
-        logger.info("loaded model %s in %.1fs", version, time.perf_counter() - started)
-        return ServedModel(classifier, entry)
+        return load_model(self.registry, self.settings, version)
 
     def _swap(self, loaded: ServedModel) -> None:
         previous = self._current
@@ -231,12 +245,7 @@ class ChampionWatcher:
             self.on_swap(loaded, previous)
         on_gpu = previous is not None and previous.classifier.device.type == "cuda"
         del previous
-        # The old weights are freed once the batch still using them finishes; collect promptly.
-        gc.collect()
-        if on_gpu:
-            import torch
-
-            torch.cuda.empty_cache()
+        collect(on_gpu)
 
     def start(self) -> ChampionWatcher:
         """Poll the pointer every ``reload_interval`` seconds in a daemon thread."""

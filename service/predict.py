@@ -5,6 +5,10 @@ its texts once parsed, each fairly per principal against the worker's bounds; be
 ``Retry-After`` at once. An admitted request waits for inference until ``FLYWHEEL_SERVE_TIMEOUT`` at most, and is
 dropped before compute when its client disconnects. ``Idempotency-Key`` retries are answered from
 ``service.idempotency``.
+
+Under a canary, the caller's client id (``X-Client-Id``), else its principal, decides which model answers it, the
+same one every time; ``model_version`` says which did. A shadow's predictions are logged as shadow predictions of
+the same ``prediction_id`` and never returned.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's signature at run time, and its dependency is a
@@ -22,12 +26,13 @@ from fastapi.responses import Response
 from flywheel.access import Caller
 from flywheel.admission import Admission, Ticket, sized_limit
 from flywheel.auth import Access
-from flywheel.events import PredictionEvent, new_id
+from flywheel.events import PredictionEvent, Shadowed, new_id
 from flywheel.http import ClientDisconnectedError, read_body, unless_disconnected
 from flywheel.metrics import admission_metrics
 from flywheel.models.access import Role
 from flywheel.publisher import EventPublisher
 from flywheel.settings import Settings
+from service.batcher import BatchResult, ShadowScores, ShadowSink
 from service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.idempotency import IdempotencyCache
 from service.metrics import ServiceMetrics
@@ -125,34 +130,42 @@ def create_router(
     ) -> bytes:
         texts = parse_predict_body(body, settings.predict_max_texts, settings.predict_max_chars)
         admission.admit_work(ticket, caller.name, len(texts))
-        result = await unless_disconnected(request, serving.predict(texts, deadline))
+        client_id = request.headers.get(CLIENT_ID_HEADER)
+        if client_id is not None:
+            client_id = client_id[:MAX_CLIENT_ID_CHARS]
+        # Made before inference: a shadow's predictions, logged after the answer, quote the same ids.
+        ids = [new_id() for _ in texts]
+        on_shadow = shadow_logger(ids, started) if settings.log_predictions else None
+        result = await unless_disconnected(
+            request, serving.predict(texts, deadline, route_key=client_id or caller.name, on_shadow=on_shadow)
+        )
         model = result.model
-        labels = model.labels
-        probs = result.probs
-        best = probs.argmax(axis=1)
-        confidence = probs[np.arange(len(texts)), best]
-        predictions = [
-            {
-                "prediction_id": new_id(),
-                "label": labels[index],
-                "confidence": round(score, 6),
-                "scores": {label: round(p, 6) for label, p in zip(labels, row, strict=True)},
-                "model_version": model.version,
-                "truncated": cut,
-            }
-            for index, score, row, cut in zip(
-                best.tolist(), confidence.tolist(), probs.tolist(), result.truncated, strict=True
-            )
-        ]
-        metrics.observe_predictions(model.version, labels, best, confidence)
+        predictions = [{"prediction_id": pid, **answer} for pid, answer in zip(ids, _answers(result), strict=True)]
+        metrics.observe_predictions(model.version, model.labels, *_best(result))
         if settings.log_predictions:
             latency_ms = (time.perf_counter() - started) * 1000
-            client_id = request.headers.get(CLIENT_ID_HEADER)
-            if client_id is not None:
-                client_id = client_id[:MAX_CLIENT_ID_CHARS]
             for text, prediction in zip(texts, predictions, strict=True):
                 publisher.publish(PredictionEvent(text=text, latency_ms=latency_ms, client_id=client_id, **prediction))
         return _encode({"model_version": model.version, "predictions": predictions})
+
+    def shadow_logger(ids: list[str], started: float) -> ShadowSink:
+        """Logs a shadow's predictions of this request's texts, beside the answers they shadow."""
+
+        def log(scores: ShadowScores) -> None:
+            latency_ms = (time.perf_counter() - started) * 1000
+            served = _answers(scores.served)
+            for prediction_id, answer, theirs in zip(ids, _answers(scores.shadow), served, strict=True):
+                shadowed = Shadowed(
+                    deployment_id=scores.deployment_id,
+                    served_version=scores.served.model.version,
+                    served_label=theirs["label"],
+                    served_confidence=theirs["confidence"],
+                )
+                publisher.publish(
+                    PredictionEvent(prediction_id=prediction_id, latency_ms=latency_ms, shadow=shadowed, **answer)
+                )
+
+        return log
 
     @router.get("/model", response_model=ModelInfo, responses={503: {"model": ErrorResponse}})
     async def model() -> ModelInfo:
@@ -164,6 +177,30 @@ def create_router(
         return info
 
     return router
+
+
+def _best(result: BatchResult) -> tuple[np.ndarray, np.ndarray]:
+    """Index and probability of each text's top label."""
+    best = result.probs.argmax(axis=1)
+    return best, result.probs[np.arange(len(best)), best]
+
+
+def _answers(result: BatchResult) -> list[dict[str, Any]]:
+    """Each text's prediction but its id, as the response and the events carry it."""
+    labels = result.model.labels
+    best, confidence = _best(result)
+    return [
+        {
+            "label": labels[index],
+            "confidence": round(score, 6),
+            "scores": {label: round(p, 6) for label, p in zip(labels, row, strict=True)},
+            "model_version": result.model.version,
+            "truncated": cut,
+        }
+        for index, score, row, cut in zip(
+            best.tolist(), confidence.tolist(), result.probs.tolist(), result.truncated, strict=True
+        )
+    ]
 
 
 def _encode(content: Any) -> bytes:

@@ -1,4 +1,5 @@
-"""The prediction path of one service worker: the champion kept loaded (hot reload) and the micro-batcher."""
+"""The prediction path of one service worker: the champion kept loaded (hot reload), the challenger deployed beside
+it (shadow or canary, see ``service.challenger``) and the micro-batcher."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import math
 import os
 
 from flywheel.admission import Throughput
+from flywheel.database import BackgroundDatabase
 from flywheel.metrics import admission_metrics
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from service.batcher import BatchResult, MicroBatcher
+from service.batcher import BatchResult, MicroBatcher, ShadowSink
+from service.challenger import Challenger, ChallengerWatcher
 from service.champion import ChampionWatcher, ServedModel
 from service.metrics import ServiceMetrics
 
@@ -28,18 +31,24 @@ def worker_threads(settings: Settings) -> int:
 
 
 class ModelServer:
-    """Loads the champion, follows promotions, and batches concurrent requests into forward passes."""
+    """Loads the champion, follows promotions and the deployed challenger, and batches concurrent requests into
+    forward passes."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics) -> None:
         import torch
 
+        self.settings = settings
+        self.registry = registry
         self.metrics = metrics
+        #: Follows the deployment table once the worker's database is handed over (``follow_challengers``).
+        self.challengers: ChallengerWatcher | None = None
         #: Texts per second of inference, measured on the traffic served: what admission control sizes its bound by.
         self.throughput = Throughput()
         dropped = admission_metrics().dropped
         self.watcher = ChampionWatcher(settings, registry, on_swap=self._on_swap)
         self.batcher = MicroBatcher(
             lambda: self.watcher.current,
+            current_challenger=lambda: self.challenger,
             max_batch_size=settings.batch_max_size,
             max_wait_ms=settings.batch_max_wait_ms,
             forward_batch_size=settings.inference_batch_size
@@ -57,9 +66,16 @@ class ModelServer:
         self.batcher.start()
         return self
 
+    def follow_challengers(self, database: BackgroundDatabase) -> None:
+        """Load the challenger the deployment table of ``database`` names, and follow it (once per worker)."""
+        if self.challengers is None:
+            self.challengers = ChallengerWatcher(self.settings, self.registry, database).start()
+
     def stop(self) -> None:
         """Stop reloading and batching."""
         self.watcher.stop()
+        if self.challengers is not None:
+            self.challengers.stop()
         self.batcher.stop()
 
     @property
@@ -67,14 +83,27 @@ class ModelServer:
         """The loaded model new requests use; None before the first champion has loaded."""
         return self.watcher.current
 
+    @property
+    def challenger(self) -> Challenger | None:
+        """The loaded challenger new batches use, if one is deployed."""
+        return self.challengers.current if self.challengers is not None else None
+
     def entry(self) -> ModelVersion | None:
         """Registry entry of the model served now (what other packages' routes need to know)."""
         current = self.watcher.current
         return current.entry if current is not None else None
 
-    async def predict(self, texts: list[str], deadline: float = math.inf) -> BatchResult:
-        """Probabilities for ``texts``, computed in a batch shared with concurrent requests before ``deadline``."""
-        return await self.batcher.submit(texts, deadline)
+    async def predict(
+        self,
+        texts: list[str],
+        deadline: float = math.inf,
+        *,
+        route_key: str | None = None,
+        on_shadow: ShadowSink | None = None,
+    ) -> BatchResult:
+        """Probabilities for ``texts``, computed in a batch shared with concurrent requests before ``deadline``; a
+        canary answers them when it draws ``route_key``, and a shadow sampling them hands ``on_shadow`` its scores."""
+        return await self.batcher.submit(texts, deadline, route_key=route_key, on_shadow=on_shadow)
 
     def alive(self) -> bool:
         """True while the batcher's thread runs."""

@@ -10,6 +10,10 @@ With ``FLYWHEEL_ALERT_WEBHOOK_URL`` set, a second listener in a consumer group o
 every kind and producer, to the webhook (``flywheel.webhook``), also at least once: an alert's offset is committed
 once the receiver took it, so a receiver that is down delays alerts (``webhook_health()``,
 ``flywheel_thread_up{thread="alert-webhook"}``) and neither loses them nor holds up retrains.
+
+Every ``FLYWHEEL_CHALLENGER_CHECK_SECONDS`` the worker checks the deployed challenger: a canary worse than the
+champion on trusted feedback is withdrawn (``flywheel.deployments``), and a retrain's shadow phase that is due is
+decided (``retrain.shadow_phase``); while one is pending no other retrain starts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from kafka.structs import OffsetAndMetadata
 from feedback.retention import expire_predictions
 from feedback.store import FeedbackStore
 from flywheel.database import Database
+from flywheel.deployments import DeploymentStore
 from flywheel.events import AlertEvent, AlertKind, EventDecodeError, Topic, decode
 from flywheel.kafka import kafka_consumer
 from flywheel.models.retrain import RunTrigger
@@ -43,6 +48,7 @@ from flywheel.webhook import AlertWebhook, WebhookError
 from monitoring.monitor import DriftMonitor
 from monitoring.schedule import add_drift_job
 from retrain.runner import RetrainRunner
+from retrain.shadow_phase import ShadowPhase
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class RetrainWorker:
         self.stopping = threading.Event()
         self.database: Database | None = None
         self.runner: RetrainRunner | None = None
+        self.shadow_phase: ShadowPhase | None = None
         self.store: FeedbackStore | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.publisher: EventPublisher | None = None
@@ -98,9 +105,10 @@ class RetrainWorker:
         self.webhook = AlertWebhook.from_settings(self.settings, stop=self.stopping)
         self.database = Database.from_settings(self.settings).start()
         self.store = FeedbackStore(self.database, self.settings)
-        self.runner = RetrainRunner(
-            self.settings, self.database, ModelRegistry(self.settings), stop=self.stopping, progress=False
-        )
+        registry = ModelRegistry(self.settings)
+        self.runner = RetrainRunner(self.settings, self.database, registry, stop=self.stopping, progress=False)
+        # A lease of its own: its decisions must not renew, or release, the lease of a retrain running beside them.
+        self.shadow_phase = ShadowPhase(self.settings, self.database, registry)
         if self.runner.lock.acquire():
             try:
                 self.runner.recover()
@@ -124,6 +132,10 @@ class RetrainWorker:
         scheduler.add_job(
             self.poll, IntervalTrigger(seconds=self.settings.retrain_queue_poll_seconds), id="retrain-queue",
             jobstore="local", replace_existing=True,
+        )
+        scheduler.add_job(
+            self.check_challenger, IntervalTrigger(seconds=self.settings.challenger_check_seconds),
+            id="challenger-check", jobstore="local", replace_existing=True,
         )
         scheduler.resume()
         self.scheduler = scheduler
@@ -150,6 +162,9 @@ class RetrainWorker:
     def poll(self) -> None:
         """Run a queued (API or drift) request, or retrain when enough new labels have arrived."""
         runner = self._runner()
+        if self._shadow_phase().pending():
+            logger.debug("a challenger is in its shadow phase; retrains wait until it is decided")
+            return
         queued = runner.queued()
         if queued is not None:
             runner.run(RunTrigger(queued.trigger), run_id=queued.run_id)
@@ -159,6 +174,9 @@ class RetrainWorker:
     def scheduled_retrain(self) -> None:
         """The interval trigger: retrain if there is any new accepted feedback at all."""
         runner = self._runner()
+        if self._shadow_phase().pending():
+            logger.info("scheduled retrain check: a challenger is in its shadow phase; retrains wait for it")
+            return
         if runner.new_labels() == 0:
             logger.info("scheduled retrain check: no new accepted feedback")
             return
@@ -171,11 +189,24 @@ class RetrainWorker:
         self.store.expire_orphans()
         self.store.forget_rate_windows()
         expire_predictions(self.database, self.settings.retention_days)
+        DeploymentStore(self.database).expire_shadow_predictions(self.settings.retention_days)
+
+    def check_challenger(self) -> None:
+        """Withdraw a canary worse than the champion on feedback; decide a retrain's shadow phase that is due."""
+        if self.database is None:
+            raise RuntimeError("worker not started")
+        DeploymentStore(self.database).review_canary(self.settings)
+        self._shadow_phase().settle()
 
     def _runner(self) -> RetrainRunner:
         if self.runner is None:
             raise RuntimeError("worker not started")
         return self.runner
+
+    def _shadow_phase(self) -> ShadowPhase:
+        if self.shadow_phase is None:
+            raise RuntimeError("worker not started")
+        return self.shadow_phase
 
     def alerts_health(self) -> Health:
         """Whether the drift-alert listener works, or the fault it is retrying."""

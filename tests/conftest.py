@@ -25,6 +25,8 @@ from tests.support import build_tiny_base, synthetic_sentiment
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
+    from playwright.sync_api import Browser
+    from playwright.sync_api import Page as BrowserPage
 
 TINY_TRAINING_ENV = {
     "FLYWHEEL_EPOCHS": "4",
@@ -417,3 +419,37 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
     return subprocess.CompletedProcess(["flywheel", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's headless chromium driven by Playwright (keyboard, forms, cookies), shared by one file's tests.
+
+    Not by the whole session: Playwright's sync API keeps an event loop running in the thread while it is open, and
+    the other tests' ``asyncio.run`` refuses to start inside a running loop.
+    """
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        raise RuntimeError("chromium is not installed: apt-get install -y chromium (make install does it)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[BrowserPage]:
+    """A fresh browser context (no cookies) and one page in it, closed after the test."""
+    context = browser.new_context()
+    try:
+        yield context.new_page()
+    finally:
+        context.close()

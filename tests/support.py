@@ -62,8 +62,10 @@ def one_word_classes(
     rows = []
     for i in range(n):
         label = labels[i % len(labels)]
+        # The deciding word is drawn first: the two-label sets keep the texts they had before N labels.
+        word = rng.choice(words[label])
         words_of_text = rng.sample(filler, rng.randint(3, max_filler))
-        words_of_text.insert(rng.randint(0, len(words_of_text)), rng.choice(words[label]))
+        words_of_text.insert(rng.randint(0, len(words_of_text)), word)
         rows.append({"text": " ".join(words_of_text) + suffix.format(seed=seed, i=i), "label": label})
     return pd.DataFrame(rows)
 

@@ -19,6 +19,8 @@ class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     PROMOTING = "promoting"
+    #: Passed the gate; its challenger is in its shadow phase (FLYWHEEL_RETRAIN_SHADOW_MINUTES) until decided.
+    SHADOW = "shadow"
     PROMOTED = "promoted"
     REJECTED = "rejected"
     SKIPPED = "skipped"

@@ -69,6 +69,12 @@ class FeedbackSettings(FlywheelSettings):
     review_similarity: float = Field(
         0.8, gt=0, le=1, description="Word-set Jaccard similarity at which review-queue texts count as near-duplicates."
     )
+    desk_lease_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="How long the annotation desk keeps an item leased to the annotator it was shown to (renewed "
+        "while they view it); after that another annotator may get it.",
+    )
     retention_days: float = Field(
         30.0,
         gt=0,

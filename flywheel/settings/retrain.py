@@ -110,6 +110,40 @@ class RetrainSettings(FlywheelSettings):
         description="Most F1 on the retained rows any one class may lose against the champion (0.03 = 3 pts); "
         "for a class of n rows, at least 1/n (one row's change), which fewer rows cannot resolve.",
     )
+    retrain_shadow_minutes: float = Field(
+        0.0,
+        ge=0,
+        description="A challenger that passes the gate is first deployed as a shadow for this many minutes and "
+        "promoted only if its shadow predictions meet FLYWHEEL_RETRAIN_SHADOW_*; 0 = off (promoted at once).",
+    )
+    retrain_shadow_sample: float = Field(
+        0.2, gt=0, le=1, description="Share of live requests the shadow phase's challenger also scores."
+    )
+    retrain_shadow_min_predictions: int = Field(
+        200,
+        ge=1,
+        description="Fewest shadow predictions the shadow phase decides on; with fewer when its time is up, the "
+        "challenger is not promoted.",
+    )
+    retrain_shadow_min_agreement: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Least share of shadowed requests on which the challenger must give the served label.",
+    )
+    retrain_shadow_max_accuracy_drop: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Most the challenger's accuracy on trusted feedback for the shadowed requests may fall below "
+        "the served model's on the same requests (0.02 = 2 points).",
+    )
+    challenger_check_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between the worker's checks of the deployed challenger: a canary worse on feedback is "
+        "withdrawn, a shadow phase that is due is decided.",
+    )
     retrain_lease_seconds: float = Field(
         120.0, gt=0, description="Retrain lock lease; a worker that stops renewing it is presumed dead after this long."
     )

@@ -63,6 +63,19 @@ class ServingSettings(FlywheelSettings):
         "rows, topped up with training rows when they are fewer.",
     )
     log_predictions: bool = Field(True, description="Publish every prediction to the flywheel.predictions topic.")
+    canary_min_labelled: int = Field(
+        30,
+        ge=1,
+        description="Trusted labels needed on the requests a canary answered, and on the champion's of the same "
+        "period, before the canary's accuracy is judged (see FLYWHEEL_CANARY_MAX_ACCURACY_DROP).",
+    )
+    canary_max_accuracy_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="A canary whose accuracy on trusted feedback for the requests it answered falls more than this "
+        "below the champion's over the same period is withdrawn automatically (0.05 = 5 points).",
+    )
     admission_max_texts: int | None = Field(
         None,
         ge=1,

@@ -60,7 +60,9 @@ def test_text_over_the_character_budget_is_cut_before_tokenizing_and_says_so(cli
     assert response.status_code == 200
     assert [p["truncated"] for p in response.json()["predictions"]] == [True, False]
     cut = client.post("/predict", json={"text": word[:320]}).json()["predictions"][0]
-    assert cut["scores"] == response.json()["predictions"][0]["scores"], "the model read the first 320 characters"
+    # Alone or padded beside a longer text, the sums differ in the last digits only.
+    expected = response.json()["predictions"][0]["scores"]
+    assert cut["scores"] == pytest.approx(expected, abs=1e-4), "the model read the first 320 characters"
 
 
 def test_model_reports_version_labels_metrics_and_load_time(client: TestClient, service_env: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ def test_every_prediction_is_published_with_its_details(client: TestClient, brok
     assert len(events) == len(by_id) == len(wanted), "each prediction logged exactly once"
     for text, prediction in sent:
         event = by_id[prediction["prediction_id"]]
-        assert event.schema_version == 1
+        assert event.schema_version == 2 and event.shadow is None
         assert event.text == text
         assert event.label == prediction["label"]
         assert event.model_version == prediction["model_version"]
