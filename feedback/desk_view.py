@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlmodel import col, select
 
 from feedback.leases import ItemGoneError, Leases, LeaseTakenError
@@ -27,14 +26,10 @@ from flywheel.events import utcnow
 from flywheel.models.access import Role
 from flywheel.models.desk import DeskLeasePublic
 from flywheel.models.feedback import Feedback, FeedbackPublic, FeedbackStatus
+from flywheel.pages import page_headers, templates
 
 #: The desk's pages run only the same-origin script, submit forms only here, and cannot be framed.
-PAGE_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "Cache-Control": "no-store",
-}
+PAGE_HEADERS = page_headers(script=True)
 #: Keys the desk keeps for itself; a label starting with one of these letters gets only its digit.
 SKIP_KEY = "s"
 UNDO_KEY = "u"
@@ -46,20 +41,9 @@ ATTEMPTS = 3
 HELD_SHOWN = 50
 
 
-@functools.cache
-def _templates() -> Environment:
-    return Environment(
-        loader=PackageLoader("feedback"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-
-
 def render(template: str, **context: object) -> str:
     """``template`` from ``feedback/templates`` rendered with ``context``."""
-    return _templates().get_template(template).render(**context)
+    return templates("feedback").get_template(template).render(**context)
 
 
 @functools.cache

@@ -9,15 +9,13 @@ markup.
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
-
 from flywheel.charts import LEFT, PLOT_W, AxisLabel, Frame, y_of
 from flywheel.models.drift import DriftReportPublic
+from flywheel.pages import templates
 from monitoring.label_share import HourlyCount, LabelShareCheck
 
 VERDICT_COLOURS = {"drifted": "#b3261e", "no_drift": "#1e7b34", "insufficient_data": "#8a8a8a"}
@@ -28,31 +26,9 @@ LABEL_COLOURS = (
 LABEL_DASHES = ("", "6 3", "2 3", "9 3 2 3")
 
 
-def _number(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-@functools.cache
-def templates() -> Environment:
-    """The one template environment, built on first use so that importing this module reads no files.
-
-    Autoescape is on for every template (all of them are HTML), and an undefined name is an error rather than an
-    empty string, so a renamed field cannot silently blank part of a page.
-    """
-    env = Environment(
-        loader=PackageLoader("monitoring"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["number"] = _number
-    return env
-
-
 def render(template: str, **context: object) -> str:
     """``template`` from ``monitoring/templates`` rendered with ``context``."""
-    return templates().get_template(template).render(**context)
+    return templates("monitoring").get_template(template).render(**context)
 
 
 @dataclass(frozen=True)

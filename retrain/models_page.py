@@ -12,7 +12,6 @@ autoescape escapes every value, so labels, reasons and run texts cannot inject m
 # No `from __future__ import annotations`: FastAPI reads route signatures at run time, and their dependencies
 # are closures of `create_router`, which string annotations could not name.
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from flywheel.access import AuditLog, Caller
@@ -31,6 +29,7 @@ from flywheel.database import BackgroundDatabase, Database, DatabaseError
 from flywheel.deployments import DeploymentStore
 from flywheel.errors import RegistryError
 from flywheel.models.access import Role
+from flywheel.pages import page_headers, templates
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ANY_CHAMPION, ChampionChangedError, ModelRegistry, ModelVersion, PointerChange
 from flywheel.settings import Settings
@@ -40,12 +39,7 @@ from retrain.model_history import POINT_COLOURS, LiveResults, ModelHistory, load
 logger = logging.getLogger(__name__)
 
 #: No scripts at all, no framing, nothing loaded from elsewhere; forms post only to this site.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-}
+PAGE_HEADERS = page_headers()
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 #: Longest reason an admin may type; the pointer history keeps it.
@@ -72,23 +66,6 @@ class Notice:
     text: str
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-@functools.cache
-def _templates() -> Environment:
-    env = Environment(
-        loader=PackageLoader("retrain"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["number"] = _number
-    return env
-
-
 def index_page(
     history: ModelHistory,
     viewer: Viewer,
@@ -99,7 +76,7 @@ def index_page(
 ) -> str:
     """``GET /models``: the chart, the newest ``limit`` versions, the champion's history and each version's entry."""
     return (
-        _templates()
+        templates("retrain", digits=4)
         .get_template("models.html")
         .render(
             history=history,
@@ -117,9 +94,8 @@ def version_page(history: ModelHistory, version: str, viewer: Viewer) -> str:
     view = history.get(version)
     if view is None:
         raise RegistryError(f"model version {version!r} not found: /models lists every version")
-    return (
-        _templates().get_template("models_version.html").render(history=history, view=view, viewer=viewer, notice=None)
-    )
+    template = templates("retrain", digits=4).get_template("models_version.html")
+    return template.render(history=history, view=view, viewer=viewer, notice=None)
 
 
 def done_notice(history: ModelHistory, action: str | None, version: str | None) -> Notice | None:

@@ -6,33 +6,22 @@ login to the session itself. The key is never put in the cookie, a URL or a log 
 
 from __future__ import annotations
 
-import functools
 import secrets
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from flywheel.access import Caller
 from flywheel.auth import SESSION_COOKIE, Access
 from flywheel.http import read_body
+from flywheel.pages import page_headers, templates
 from flywheel.sessions import SESSION_SECONDS
 
 CSRF_COOKIE = "flywheel_csrf"
 #: Pages served with these headers: no framing, no sniffing, no scripts (the login page has none).
-PAGE_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'",
-    "Cache-Control": "no-store",
-}
+PAGE_HEADERS = page_headers()
 _FORM_LIMIT = 8192
-
-
-@functools.cache
-def _templates() -> Environment:
-    return Environment(loader=PackageLoader("service"), autoescape=True, undefined=StrictUndefined)
 
 
 def _safe_next(target: str) -> str:
@@ -48,7 +37,7 @@ def create_router(access: Access) -> APIRouter:
     def page(
         request: Request, caller: Caller | None, csrf: str, error: str = "", status: int = 200
     ) -> HTMLResponse:
-        html = _templates().get_template("login.html").render(
+        html = templates("service").get_template("login.html").render(
             caller=caller, csrf_token=csrf, error=error, next=_safe_next(request.query_params.get("next", "/drift"))
         )
         return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
