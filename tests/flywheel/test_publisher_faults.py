@@ -183,7 +183,7 @@ def test_sigkill_mid_traffic_loses_at_most_the_documented_window(tmp_path: Path)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(10)
     reader.join(10)
-    assert len(accepted) > 3000
+    assert len(accepted) >= 3000
 
     # The next process adopts the dead one's spill file and replays it once Kafka is back.
     with EmbeddedBroker(port=port), EventPublisher(_settings(home, bootstrap), name="after-kill"):
