@@ -8,6 +8,7 @@ The routes themselves are built by ``service.app.create_app``.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -56,6 +57,9 @@ def _service_config() -> dict[str, Any]:
         "workers": settings.serve_workers,
         "traffic": {"timeout": settings.serve_timeout},
         "logging": {"access": {"enabled": settings.serve_access_log}},
+        # BentoML records a span for every request (and every body chunk sent and received) whether or not an
+        # exporter is configured; a pattern that matches every URL turns its tracing middleware into a pass-through.
+        **({} if settings.serve_tracing else {"tracing": {"excluded_urls": [".*"]}}),
         "envs": WORKER_ENV,
     }
     if torch.cuda.is_available():
@@ -111,6 +115,11 @@ class TextClassifier:
             self.serving, self.publisher, self.probe, self.serving.watcher.alive, self.principals.loaded
         )
         shell.mount("/", create_app(self.settings, self.database, self.publisher, self.serving, self.principals))
+        # Start-up left millions of long-lived objects (torch, transformers, the model); a full collection walked
+        # them all every few hundred requests, a pause that landed on whichever request allocated. Frozen, they are
+        # never walked again.
+        gc.collect()
+        gc.freeze()
 
     def __is_ready__(self) -> bool:
         return self.readiness.evaluate()[0]
