@@ -94,16 +94,22 @@ class Throughput:
     """Units per second of a worker's compute, an exponentially weighted average over its batches.
 
     Units and seconds are averaged apart and divided, so a batch counts by its size: small batches (less
-    efficient) do not drag the rate down more than the little work they are.
+    efficient) do not drag the rate down more than the little work they are. With ``full``, only batches of at
+    least that many units are averaged, and the rate is unknown until one was seen: a bound only matters under
+    load, when batches are full, and a rate read off batches of one text (a quiet hour of single clients) is half
+    of it, which would refuse the first busy minute.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, full: int = 1) -> None:
+        self.full = full
         self._lock = threading.Lock()
         self._units = 0.0
         self._seconds = 0.0
 
     def observe(self, units: int, seconds: float) -> None:
         """Record ``units`` of work done in ``seconds``."""
+        if units < self.full:
+            return
         with self._lock:
             if self._seconds == 0.0:
                 self._units, self._seconds = float(units), seconds

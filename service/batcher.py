@@ -3,8 +3,9 @@
 The thread takes every request already waiting, then waits up to ``max_wait_ms`` for as many requests as were in
 flight at once while the previous batch ran: concurrent clients whose answers just went out are about to send again,
 and one full batch beats two half ones. A lone client never waits. Requests are never split, so each is answered
-by exactly one model. The gathered texts are sorted by length and run in forward passes of ``forward_batch_size``:
-on CPU, gathering widely (less padding) but computing in small slices (activations stay in cache) was measured
+by exactly one model. The gathered texts are ordered by token count and cut into forward passes of at most
+``forward_batch_size`` where padding would cost more than another pass (``flywheel.classifier.plan_passes``): on
+CPU, gathering widely (less padding) but computing in small slices (activations stay in cache) was measured
 fastest.
 
 With a challenger deployed (``service.challenger``), a canary answers the requests of the callers it draws, in a

@@ -43,7 +43,11 @@ class ModelServer:
         #: Follows the deployment table once the worker's database is handed over (``follow_challengers``).
         self.challengers: ChallengerWatcher | None = None
         #: Texts per second of inference, measured on the traffic served: what admission control sizes its bound by.
-        self.throughput = Throughput()
+        forward_batch = settings.inference_batch_size or (
+            settings.batch_max_size if torch.cuda.is_available() else CPU_FORWARD_BATCH
+        )
+        # The admission bound's rate: of batches at least one forward pass big (see Throughput).
+        self.throughput = Throughput(full=min(forward_batch, settings.admission_min_texts))
         dropped = admission_metrics().dropped
         self.watcher = ChampionWatcher(settings, registry, on_swap=self._on_swap)
         self.batcher = MicroBatcher(
@@ -51,8 +55,7 @@ class ModelServer:
             current_challenger=lambda: self.challenger,
             max_batch_size=settings.batch_max_size,
             max_wait_ms=settings.batch_max_wait_ms,
-            forward_batch_size=settings.inference_batch_size
-            or (settings.batch_max_size if torch.cuda.is_available() else CPU_FORWARD_BATCH),
+            forward_batch_size=forward_batch,
             observer=self._observe_batch,
             on_drop=lambda reason: dropped.labels(route="predict", reason=reason).inc(),
         )

@@ -37,8 +37,9 @@ class ServingSettings(FlywheelSettings):
     inference_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Texts per forward pass: gathered texts are sorted by length and run in slices this big; "
-        "default 16 on CPU (cache-sized), the whole batch on GPU.",
+        description="Most texts per forward pass: gathered texts are ordered by token count and cut into passes of "
+        "at most this many (on CPU where padding would cost more than a pass); default 16 on CPU (cache-sized), the "
+        "whole batch on GPU.",
     )
     batch_max_wait_ms: float = Field(
         10.0, ge=0, description="Longest wait for concurrent requests to join a batch once traffic is concurrent."

@@ -144,3 +144,15 @@ def test_requests_past_their_deadline_are_answered_504_without_being_computed(
         assert local_metric("flywheel_dropped_jobs_total", route="predict", reason="expired") - expired == late
         assert local_metric("flywheel_batch_size_sum") - computed == 256 * statuses.count(200)
         assert client.post("/predict", json={"text": "a great film"}).status_code == 200
+
+
+def test_the_rate_is_read_off_full_batches_so_a_quiet_spell_does_not_shrink_the_bound() -> None:
+    throughput = Throughput(full=16)
+    limit = sized_limit(None, throughput, seconds=0.5, floor=16, ceiling=1000, initial=64)
+    for _ in range(50):
+        throughput.observe(1, 0.02)  # single clients: 50 texts/s, half of what full batches do
+    assert throughput.rate() is None and limit() == 64
+    throughput.observe(32, 0.32)  # busy: 100 texts/s
+    for _ in range(50):
+        throughput.observe(1, 0.02)
+    assert throughput.rate() == pytest.approx(100) and limit() == 50
