@@ -101,7 +101,8 @@ class ServingSettings(FlywheelSettings):
         16,
         ge=1,
         description="Floor of the measured text bound: one forward pass on CPU, so a slow runtime still computes "
-        "full passes. Until anything is measured the bound is FLYWHEEL_BATCH_MAX_SIZE (a burst one batch serves).",
+        "full passes. Until a batch of at least one forward pass is measured the bound is FLYWHEEL_BATCH_MAX_SIZE "
+        "(a burst one batch serves).",
     )
     admission_ceiling_texts: int = Field(8192, ge=1, description="Ceiling of the measured text bound.")
     admission_max_body_bytes: int = Field(
