@@ -1,8 +1,9 @@
 """Inference runtimes of a model version, chosen per model and verified: PyTorch, ONNX Runtime, ONNX Runtime int8.
 
 When a version is registered, :func:`build` exports its network to ONNX (two outputs: logits and the mean-pooled
-sentence embedding, so drift and the review queue read the same runtime), writes a dynamically quantized int8 copy
-(per-channel weights: per-tensor scales measured ~3 points less agreement on MiniLM), and measures every variant on
+sentence embedding, so drift and the review queue read the same runtime), writes an int8 copy
+(dynamic per-channel int8; when that changes too many labels, SmoothQuant int8 with the feed-forward outputs in fp32:
+:mod:`flywheel.quantization`), and measures every variant on
 the evaluation texts: macro-F1 on their labels, agreement of its predicted labels with PyTorch fp32, texts/s. The
 fastest variant whose macro-F1 is within ``FLYWHEEL_RUNTIME_MAX_F1_DROP`` of fp32's and whose labels agree on at
 least ``FLYWHEEL_RUNTIME_MIN_AGREEMENT`` of the texts becomes the version's runtime; the card records the choice
@@ -14,10 +15,10 @@ automatic choice is PyTorch in half precision, which the GPU runs faster than ON
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.classifier import Classifier, pick_device
 from flywheel.network import SentenceClassifier
+from flywheel.quantization import quantize
 from flywheel.registry import ModelVersion
 from flywheel.settings import Settings
 
@@ -55,10 +57,29 @@ class Runtime(StrEnum):
 FILES = {Runtime.ONNX: ONNX_FILE, Runtime.ONNX_INT8: INT8_FILE}
 
 
+class Recipe(StrEnum):
+    """How an int8 graph is made (:mod:`flywheel.quantization`); empty for the other runtimes."""
+
+    NONE = ""
+    DYNAMIC = "dynamic"
+    SMOOTHQUANT = "smoothquant"
+
+
+#: What registration builds, in order: fp32 ONNX, plain dynamic int8, and only when plain int8 changed too many
+#: labels, SmoothQuant int8 (slower, closer to fp32), which then takes the int8 file's place.
+BUILDS = (
+    (Runtime.ONNX, Recipe.NONE),
+    (Runtime.ONNX_INT8, Recipe.DYNAMIC),
+    (Runtime.ONNX_INT8, Recipe.SMOOTHQUANT),
+)
+
+
 class VariantEvidence(BaseModel):
     """How one runtime did on the evaluation texts."""
 
     runtime: str
+    #: How its int8 graph was made (dynamic or smoothquant); empty for fp32 runtimes.
+    recipe: str = ""
     macro_f1: float | None = None
     #: Share of texts whose predicted label equals PyTorch fp32's.
     agreement: float | None = None
@@ -77,10 +98,17 @@ class RuntimeChoice(BaseModel):
 
 
 def build(
-    classifier: Classifier, model_dir: Path, texts: list[str], labels: list[str], settings: Settings
+    classifier: Classifier,
+    model_dir: Path,
+    texts: list[str],
+    labels: list[str],
+    settings: Settings,
+    *,
+    calibration: list[str] | None = None,
 ) -> RuntimeChoice:
     """Export the ONNX variants of ``classifier`` into ``model_dir``, measure them on ``texts`` (labelled
-    ``labels``) and choose the runtime; ``FLYWHEEL_RUNTIME=torch`` builds nothing."""
+    ``labels``) and choose the runtime; ``FLYWHEEL_RUNTIME=torch`` builds nothing. The int8 graph is calibrated
+    on ``calibration`` (training texts, so it is measured on texts it was not calibrated on; default ``texts``)."""
     if settings.runtime == Runtime.TORCH:
         return RuntimeChoice(reason="FLYWHEEL_RUNTIME=torch: no other runtime built")
     if not isinstance(classifier.model, SentenceClassifier):
@@ -89,17 +117,21 @@ def build(
     reference, truth = _measure(cpu, Runtime.TORCH, texts, labels)
     reference.accepted, reference.reason = True, "reference (fp32)"
     variants = [reference]
-    for runtime in (Runtime.ONNX, Runtime.ONNX_INT8):
+    for runtime, recipe in BUILDS:
+        if recipe == Recipe.SMOOTHQUANT and any(v.accepted for v in variants if v.runtime == runtime):
+            break  # plain int8 kept the labels: it is the faster of the two
         try:
-            _export(cpu, model_dir, runtime)
+            _export(cpu, model_dir, runtime, recipe, calibration or texts)
             candidate = Classifier(
                 cpu.model, cpu.tokenizer, cpu.max_length, session=session(model_dir / FILES[runtime]), runtime=runtime
             )
             evidence, _ = _measure(candidate, runtime, texts, labels, truth)
         except Exception as exc:  # noqa: BLE001 - any exporter or runtime fault only rules this variant out
-            logger.warning("runtime %s not built for %s: %s", runtime.value, model_dir, exc)
-            variants.append(VariantEvidence(runtime=runtime.value, reason=f"failed: {type(exc).__name__}: {exc}"[:300]))
+            logger.warning("runtime %s (%s) not built for %s: %s", runtime.value, recipe or "export", model_dir, exc)
+            reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+            variants.append(VariantEvidence(runtime=runtime.value, recipe=recipe, reason=reason))
             continue
+        evidence.recipe = recipe
         evidence.accepted, evidence.reason = _verdict(evidence, reference, settings)
         variants.append(evidence)
     accepted = [v for v in variants if v.accepted]
@@ -201,6 +233,17 @@ def _measure(
     return evidence, predicted
 
 
+def onnx_inputs(classifier: Classifier) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """The exported graph's inputs for a batch of texts, as ``classifier`` tokenizes them."""
+    tokenizer, max_length = classifier.tokenizer, classifier.max_length
+
+    def tokenize(batch: list[str]) -> dict[str, np.ndarray]:
+        encoded = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        return {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}
+
+    return tokenize
+
+
 class _Outputs(torch.nn.Module):
     """The network as the ONNX graph computes it: logits and pooled embedding from the tokenizer's tensors."""
 
@@ -215,7 +258,7 @@ class _Outputs(torch.nn.Module):
         return self.network.head(pooled), pooled
 
 
-def _export(classifier: Classifier, model_dir: Path, runtime: Runtime) -> None:
+def _export(classifier: Classifier, model_dir: Path, runtime: Runtime, recipe: Recipe, calibration: list[str]) -> None:
     fp32 = model_dir / ONNX_FILE
     if not fp32.exists():
         sample = classifier.tokenizer(
@@ -242,12 +285,4 @@ def _export(classifier: Classifier, model_dir: Path, runtime: Runtime) -> None:
                 dynamo=False,
             )
     if runtime == Runtime.ONNX_INT8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quiet = logging.getLogger()
-        level = quiet.level
-        # ONNX Runtime's quantizer advises pre-processing on the root logger; measured, it changes nothing here.
-        with contextlib.ExitStack() as stack:
-            quiet.setLevel(logging.ERROR)
-            stack.callback(quiet.setLevel, level)
-            quantize_dynamic(str(fp32), str(model_dir / INT8_FILE), weight_type=QuantType.QInt8, per_channel=True)
+        quantize(fp32, model_dir / INT8_FILE, onnx_inputs(classifier), calibration, smooth=recipe == Recipe.SMOOTHQUANT)

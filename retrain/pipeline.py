@@ -11,6 +11,7 @@ import pandas as pd
 
 from flywheel.errors import DatasetError
 from flywheel.holdout import GoldenHoldout, HoldoutInfo, content_hash, stratified_split
+from flywheel.quantization import CALIBRATION_TEXTS
 from flywheel.registry import TRAINING_DATA_FILE, ModelCard, ModelRegistry, ModelVersion
 from flywheel.runtime import build as build_runtime
 from flywheel.runtime import evaluation_texts
@@ -163,8 +164,14 @@ class TrainingPipeline:
             result.save(path / "model")
             s = self.settings
             checked = evaluation_texts([holdout, validation], train, s.runtime_eval_texts, s.seed)
+            calibration = train["text"].sample(n=min(CALIBRATION_TEXTS, len(train)), random_state=s.seed).tolist()
             choice = build_runtime(
-                result.classifier(s.max_length), path / "model", checked["text"].tolist(), checked["label"].tolist(), s
+                result.classifier(s.max_length),
+                path / "model",
+                checked["text"].tolist(),
+                checked["label"].tolist(),
+                s,
+                calibration=calibration,
             )
             card.runtime, card.runtime_evidence = choice.runtime, choice.model_dump()
             # The rows as given, not the augmented ones: a retrain replays them (and augments its own set), and

@@ -40,6 +40,7 @@ from flywheel.deployments import DeploymentStore
 from flywheel.events import AlertEvent, AlertKind, EventDecodeError, Topic, decode
 from flywheel.kafka import kafka_consumer
 from flywheel.models.retrain import RunTrigger
+from flywheel.models.schedule import JOBS_TABLE
 from flywheel.publisher import EventPublisher
 from flywheel.registry import ModelRegistry
 from flywheel.settings import Settings
@@ -116,7 +117,11 @@ class RetrainWorker:
                 self.runner.lock.release()
         _active = self
         scheduler = BackgroundScheduler(
-            jobstores={"default": SQLAlchemyJobStore(engine=self.database.engine), "local": MemoryJobStore()},
+            # The persistent store's table is made by the migrations (flywheel.models.schedule), never by a worker.
+            jobstores={
+                "default": SQLAlchemyJobStore(engine=self.database.engine, tablename=JOBS_TABLE),
+                "local": MemoryJobStore(),
+            },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 600},
             timezone=UTC,
         )

@@ -5,6 +5,6 @@ and records runs, ``monitoring`` reads windows and writes reports. Importing thi
 on ``SQLModel.metadata`` (Alembic autogenerate compares against it).
 """
 
-from flywheel.models import access, deployment, desk, drift, feedback, labels, retrain
+from flywheel.models import access, deployment, desk, drift, feedback, labels, retrain, schedule
 
-__all__ = ["access", "deployment", "desk", "drift", "feedback", "labels", "retrain"]
+__all__ = ["access", "deployment", "desk", "drift", "feedback", "labels", "retrain", "schedule"]

@@ -18,7 +18,8 @@ from flywheel.database import Database, DatabaseError
 from flywheel.models.feedback import Feedback
 from tests.conftest import free_port
 
-TABLES = {"prediction", "feedback", "feedback_source"}
+# The scheduler's table too: made by a migration, so workers started together never race to create it.
+TABLES = {"prediction", "feedback", "feedback_source", "apscheduler_jobs"}
 
 
 def test_upgrade_applies_migrations_that_match_the_models(database_url: str) -> None:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from flywheel.broker import EmbeddedBroker
+from flywheel.quantization import smooth_graph
 from flywheel.registry import ModelRegistry
-from flywheel.runtime import FILES, INT8_FILE, ONNX_FILE, Runtime, VariantEvidence, _verdict, load_classifier
+from flywheel.runtime import (
+    FILES,
+    INT8_FILE,
+    ONNX_FILE,
+    Runtime,
+    VariantEvidence,
+    _verdict,
+    build,
+    load_classifier,
+    onnx_inputs,
+    session,
+)
 from retrain.pipeline import TrainingPipeline
 from retrain.trainer import Trainer
 from tests.conftest import TINY_TRAINING_ENV, app_client, copy_home, migrate, settings_from
@@ -36,7 +50,10 @@ def home(runtime_home: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def test_registration_builds_onnx_variants_and_records_every_variants_evidence(home: dict[str, str]) -> None:
     champion = ModelRegistry(settings_from(home)).champion_version()
     evidence = champion.card.runtime_evidence
-    assert [v["runtime"] for v in evidence["variants"]] == ["torch", "onnx", "onnx-int8"]
+    built = [(v["runtime"], v["recipe"]) for v in evidence["variants"]]
+    assert built[:3] == [("torch", ""), ("onnx", ""), ("onnx-int8", "dynamic")]
+    # SmoothQuant is built only when plain int8 was refused.
+    assert built[3:] == ([] if evidence["variants"][2]["accepted"] else [("onnx-int8", "smoothquant")])
     assert evidence["texts"] >= 400  # the holdout and validation rows, topped up from the training rows
     assert champion.card.runtime in {"torch", "onnx", "onnx-int8"}
     chosen = next(v for v in evidence["variants"] if v["runtime"] == champion.card.runtime)
@@ -74,6 +91,48 @@ def test_the_service_serves_in_the_runtime_the_card_chose(home: dict[str, str], 
             answer = client.post("/predict", json={"texts": TEXTS})
             assert answer.status_code == 200
             assert [p["truncated"] for p in answer.json()["predictions"]] == [False, False, True, False]
+
+
+def test_smoothing_leaves_what_the_graph_computes_and_the_int8_graph_keeps_feed_forward_outputs_in_fp32(
+    home: dict[str, str], tmp_path: Path
+) -> None:
+    settings = settings_from(home)
+    champion = ModelRegistry(settings).champion_version()
+    tokenize = onnx_inputs(load_classifier(champion, settings.model_copy(update={"runtime": "torch"})))
+    smoothed = tmp_path / "smoothed.onnx"
+    assert smooth_graph(champion.model_dir / ONNX_FILE, smoothed, tokenize, TEXTS) > 0
+    feed = tokenize(TEXTS)
+    expected = session(champion.model_dir / ONNX_FILE).run(None, feed)
+    for got, want in zip(session(smoothed).run(None, feed), expected, strict=True):
+        assert np.allclose(got, want, atol=1e-4)
+
+
+def test_when_plain_int8_changes_labels_the_smoothquant_graph_takes_its_place(
+    home: dict[str, str], tmp_path: Path
+) -> None:
+    settings = settings_from(home)
+    champion = ModelRegistry(settings).champion_version()
+    classifier = load_classifier(champion, settings.model_copy(update={"runtime": "torch"}))
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion.model_dir, model_dir)
+    (model_dir / INT8_FILE).unlink()
+    # A gate no variant can pass (no macro-F1 loss below zero): every recipe is built and measured, fp32 serves.
+    strict = settings.model_copy(update={"runtime_max_f1_drop": -1.0})
+    texts = TEXTS * 30
+    labels = [classifier.labels[i] for i in classifier.predict_proba(texts).probs.argmax(axis=1)]
+    choice = build(classifier, model_dir, texts, labels, strict, calibration=TEXTS)
+    assert choice.runtime == "torch"
+    assert [(v.runtime, v.recipe, v.accepted) for v in choice.variants] == [
+        ("torch", "", True),
+        ("onnx", "", False),
+        ("onnx-int8", "dynamic", False),
+        ("onnx-int8", "smoothquant", False),
+    ]
+    nodes = onnx.load(str(model_dir / INT8_FILE)).graph.node
+    assert any(node.name.startswith("smoothquant.") and node.op_type == "Mul" for node in nodes)
+    feed_forward_outputs = [n for n in nodes if "/output/dense/" in n.name and "/attention/" not in n.name]
+    assert feed_forward_outputs and {n.op_type for n in feed_forward_outputs} <= {"MatMul", "Add"}
+    assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in nodes)
 
 
 def test_a_missing_runtime_file_falls_back_to_pytorch(home: dict[str, str]) -> None:
