@@ -2,8 +2,9 @@
 
 Plain dynamic int8 (ONNX Runtime's ``quantize_dynamic``: per-channel int8 weights, activations quantized per tensor
 at run time) changed 1.8-3.4% of MiniLM champions' labels on held-out movie reviews, over the 1% the runtime gate
-allows, so on such models it is refused. Two changes, measured on one 2,000-row champion and 2,000 held-out reviews
-(``benchmarks/runtime_bench.py``), bring agreement from 97.7% to 99.0% at 1.43x ONNX fp32's speed (plain: 1.93x):
+allows, so on such models it is refused. Two changes, measured on two 2,000-row champions and 2,000 held-out
+reviews (``benchmarks/runtime_bench.py``), bring agreement from 97.7% / 98.3% to 99.0% / 99.4% at 1.4x ONNX fp32's
+speed (plain: 1.9x):
 
 - **SmoothQuant** (Xiao et al., 2023): a few input channels of each linear layer carry activations tens of times
   larger than the rest, so one per-tensor activation scale leaves the others a handful of int8 steps. Each channel
