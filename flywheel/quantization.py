@@ -60,11 +60,11 @@ def quantize(
         with _quiet_root_logger():
             quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
         return
+    model, _ = _smoothed(fp32, tokenize, texts)
+    excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and _is_ffn_output(node.name)]
     smoothed = int8.with_name(int8.name + ".smoothed")
     try:
-        inputs = smooth_graph(fp32, smoothed, tokenize, texts)
-        graph = onnx.load(str(smoothed), load_external_data=False).graph
-        excluded = [node.name for node in graph.node if node.op_type == "MatMul" and _is_ffn_output(node.name)]
+        onnx.save(model, str(smoothed))
         with _quiet_root_logger():
             quantize_dynamic(
                 str(smoothed), str(int8), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded
@@ -72,9 +72,8 @@ def quantize(
     finally:
         smoothed.unlink(missing_ok=True)
     logger.info(
-        "int8 graph %s: %d inputs smoothed on %d texts, %d feed-forward outputs kept fp32",
+        "int8 graph %s: smoothed on %d texts, %d feed-forward outputs kept fp32",
         int8,
-        inputs,
         min(len(texts), CALIBRATION_TEXTS),
         len(excluded),
     )
@@ -83,8 +82,20 @@ def quantize(
 def smooth_graph(
     fp32: Path, out: Path, tokenize: Callable[[list[str]], dict[str, np.ndarray]], texts: list[str]
 ) -> int:
-    """Write the smoothed fp32 graph of ``fp32`` to ``out`` (it computes what ``fp32`` computes, up to rounding);
-    the number of activations smoothed."""
+    """Write the smoothed fp32 graph of ``fp32`` to ``out``: what :func:`quantize` quantizes (it computes what
+    ``fp32`` computes, up to rounding); the number of activations smoothed."""
+    import onnx
+
+    model, smoothed = _smoothed(fp32, tokenize, texts)
+    onnx.save(model, str(out))
+    return smoothed
+
+
+def _smoothed(
+    fp32: Path, tokenize: Callable[[list[str]], dict[str, np.ndarray]], texts: list[str]
+) -> tuple[Any, int]:
+    """The graph of ``fp32`` with SmoothQuant's factors calibrated on ``texts``, and how many activations it
+    smooths."""
     import onnx
 
     if not texts:
@@ -92,8 +103,7 @@ def smooth_graph(
     model = onnx.load(str(fp32))
     groups = _projections(model)
     _smooth(model, groups, _activation_maxima(model, list(groups), tokenize, texts[:CALIBRATION_TEXTS]))
-    onnx.save(model, str(out))
-    return len(groups)
+    return model, len(groups)
 
 
 def _is_ffn_output(name: str) -> bool:

@@ -10,8 +10,9 @@ import onnx
 import pytest
 
 from flywheel.broker import EmbeddedBroker
+from flywheel.classifier import Classifier
 from flywheel.quantization import smooth_graph
-from flywheel.registry import ModelRegistry
+from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.runtime import (
     FILES,
     INT8_FILE,
@@ -24,6 +25,7 @@ from flywheel.runtime import (
     onnx_inputs,
     session,
 )
+from flywheel.settings import Settings
 from retrain.pipeline import TrainingPipeline
 from retrain.trainer import Trainer
 from tests.conftest import TINY_TRAINING_ENV, app_client, copy_home, migrate, settings_from
@@ -68,9 +70,7 @@ def test_registration_builds_onnx_variants_and_records_every_variants_evidence(h
 def test_a_version_loaded_in_an_onnx_runtime_classifies_and_embeds_like_pytorch(
     home: dict[str, str], runtime: str
 ) -> None:
-    settings = settings_from(home)
-    champion = ModelRegistry(settings).champion_version()
-    torch_classifier = load_classifier(champion, settings.model_copy(update={"runtime": "torch"}))
+    settings, champion, torch_classifier = _reference(home)
     onnx_classifier = load_classifier(champion, settings.model_copy(update={"runtime": runtime}))
     assert (torch_classifier.runtime, onnx_classifier.runtime) == ("torch", runtime)
     reference, served = torch_classifier.predict_proba(TEXTS), onnx_classifier.predict_proba(TEXTS)
@@ -96,9 +96,8 @@ def test_the_service_serves_in_the_runtime_the_card_chose(home: dict[str, str], 
 def test_smoothing_leaves_what_the_graph_computes_and_the_int8_graph_keeps_feed_forward_outputs_in_fp32(
     home: dict[str, str], tmp_path: Path
 ) -> None:
-    settings = settings_from(home)
-    champion = ModelRegistry(settings).champion_version()
-    tokenize = onnx_inputs(load_classifier(champion, settings.model_copy(update={"runtime": "torch"})))
+    _, champion, classifier = _reference(home)
+    tokenize = onnx_inputs(classifier)
     smoothed = tmp_path / "smoothed.onnx"
     assert smooth_graph(champion.model_dir / ONNX_FILE, smoothed, tokenize, TEXTS) > 0
     feed = tokenize(TEXTS)
@@ -110,9 +109,7 @@ def test_smoothing_leaves_what_the_graph_computes_and_the_int8_graph_keeps_feed_
 def test_when_plain_int8_changes_labels_the_smoothquant_graph_takes_its_place(
     home: dict[str, str], tmp_path: Path
 ) -> None:
-    settings = settings_from(home)
-    champion = ModelRegistry(settings).champion_version()
-    classifier = load_classifier(champion, settings.model_copy(update={"runtime": "torch"}))
+    settings, champion, classifier = _reference(home)
     model_dir = tmp_path / "model"
     shutil.copytree(champion.model_dir, model_dir)
     (model_dir / INT8_FILE).unlink()
@@ -167,6 +164,13 @@ def test_a_variant_is_refused_when_it_loses_macro_f1_or_agreement(home: dict[str
     assert not accepted and "1.00 points below fp32" in reason
     accepted, reason = _verdict(disagreeing, reference, settings)
     assert not accepted and "98.00%" in reason
+
+
+def _reference(home: dict[str, str]) -> tuple[Settings, ModelVersion, Classifier]:
+    """The home's settings, its champion, and the champion loaded in PyTorch fp32 (the reference runtime)."""
+    settings = settings_from(home)
+    champion = ModelRegistry(settings).champion_version()
+    return settings, champion, load_classifier(champion, settings.model_copy(update={"runtime": "torch"}))
 
 
 def fresh_env(tiny_base: Path, directory: Path) -> dict[str, str]:
