@@ -100,7 +100,8 @@ def run_loop(
     """
     from tests.conftest import run_cli, running_service
 
-    settings = Settings(home=home)
+    # The retrain runs in this process: it must read the loop's seed as the CLI commands and the service do.
+    settings = Settings(home=home, **({"seed": int(env["FLYWHEEL_SEED"])} if "FLYWHEEL_SEED" in env else {}))
     database = Database.from_settings(settings).start()
     store = KeyStore(database)
     keys = {name: store.create(name, role, "bench")[1] for name, role, _ in batches}

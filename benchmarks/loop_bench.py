@@ -23,8 +23,15 @@ Per seed the set is split, stratified by label, into the champion's part (35%), 
 champion and of the served model on the held-out rows with the gain per class, the gate's decision and its per-class
 lines from the run record. With no second domain, "old domain" there is the champion's own golden holdout.
 
+With `--new-labels`, the champion is trained without the labels it names (intents that appear after launch, a
+`neutral` class added to a two-way desk): an admin allows them with `flywheel labels add` before the corrections
+arrive, and the retrain has to grow the head. Their per-class lines show the gain (the champion's F1 on a label it
+lacks is 0), and the per-class gate skips them on the golden holdout, which was frozen without them.
+
     python benchmarks/loop_bench.py --task finance3 --seeds 1
     python benchmarks/loop_bench.py --task intents --seeds 3
+    python benchmarks/loop_bench.py --task intents --seeds 3 --new-labels account_locked,speak_to_human
+    python benchmarks/loop_bench.py --task finance3 --seeds 3 --new-labels neutral
 """
 
 from __future__ import annotations
@@ -89,8 +96,9 @@ class Outcome:
 
 def compare(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame, seed: int) -> tuple[float, float,
                                                                                                   tuple[float, float]]:
-    """Macro-F1 of both models on ``frame`` and the paired-bootstrap 95% interval of the served model's difference."""
-    truth, labels = frame["label"].tolist(), champion.card.labels
+    """Macro-F1 of both models on ``frame`` and the paired-bootstrap 95% interval of the served model's difference,
+    over every label either model has (a label the champion lacks counts as one it never gets right)."""
+    truth, labels = frame["label"].tolist(), both_labels(champion, served, frame)
     before = classify(champion, frame["text"].tolist())
     after = before if served.version == champion.version else classify(served, frame["text"].tolist())
     interval = bootstrap_macro_f1(truth, after, labels, baseline=before, seed=seed)
@@ -149,9 +157,15 @@ def split_task(frame: pd.DataFrame, seed: int, cap: int) -> tuple[pd.DataFrame, 
     return champion, corrections, held_out
 
 
+def both_labels(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame) -> list[str]:
+    """The champion's labels, then those only the served model or the rows have (labels added through feedback)."""
+    others = [*served.card.labels, *sorted(frame["label"].unique())]
+    return list(dict.fromkeys([*champion.card.labels, *others]))
+
+
 def per_class_f1(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame) -> dict[str, tuple[float, float]]:
-    """Each label's F1 on ``frame`` for the champion and the served model."""
-    truth, labels = frame["label"].tolist(), champion.card.labels
+    """Each label's F1 on ``frame`` for the champion and the served model (0 for a label a model lacks)."""
+    truth, labels = frame["label"].tolist(), both_labels(champion, served, frame)
     before = score(truth, classify(champion, frame["text"].tolist()), labels)
     after = before if served.version == champion.version else score(
         truth, classify(served, frame["text"].tolist()), labels)
@@ -182,11 +196,19 @@ def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
 
 def run_task(args: argparse.Namespace) -> None:
     """The loop on one shipped N-label set, once per seed; then the table of gains per class."""
+    from tests.conftest import run_cli
+
     frame = pd.read_csv(TASKS[args.task])[["text", "label"]]
+    new_labels = [name.strip() for name in args.new_labels.split(",") if name.strip()]
+    unknown = sorted(set(new_labels) - set(frame["label"]))
+    if unknown:
+        raise SystemExit(f"--new-labels names labels {TASKS[args.task].name} does not have: {', '.join(unknown)}")
     outcomes: list[TaskOutcome] = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             rows, corrections, held_out = split_task(frame, seed, args.corrections)
+            # New labels: the champion never saw them; they arrive as corrections once an admin allows them.
+            rows = rows[~rows["label"].isin(new_labels)]
             base, home = Path(scratch) / f"champion-{seed}", Path(scratch) / f"{args.task}-{seed}"
             settings = Settings(home=base, torch_threads=args.threads, seed=seed)
             registry = ModelRegistry(settings)
@@ -201,6 +223,10 @@ def run_task(args: argparse.Namespace) -> None:
                   f"{len(held_out)} held-out rows", flush=True)
             shutil.copytree(base, home)
             env = {**bench_env(home, args.threads), "FLYWHEEL_SEED": str(seed)}
+            for name in new_labels:
+                added = run_cli(env, "labels", "add", name, "--note", "loop_bench --new-labels")
+                if added.returncode != 0:
+                    raise SystemExit(f"flywheel labels add {name} failed: {added.stderr}")
             started = time.monotonic()
             result = run_loop(home, env, [("annotator", Role.ANNOTATOR, corrections)])
             loop_seconds = time.monotonic() - started
@@ -262,6 +288,9 @@ def main() -> None:
     parser.add_argument("--flip", type=float, default=0.0, help="Share of correction labels flipped at random.")
     parser.add_argument("--old-domain-rows", type=int, default=OLD_DOMAIN_ROWS,
                         help="Movie reviews, disjoint from every training set, that measure forgetting.")
+    parser.add_argument("--new-labels", default="",
+                        help="Task only, comma-separated labels the champion is trained without: an admin allows them "
+                        "(`flywheel labels add`) and they arrive as corrections, so the retrain grows the head.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--self-training", action="store_true",
                         help="Turn FLYWHEEL_RETRAIN_SELF_TRAINING on; the champion first serves the new domain's "

@@ -8,12 +8,23 @@ best one that keeps the golden holdout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import threading
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from flywheel.classifier import Classifier
+from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
+from retrain.dataset import RetrainData
+from retrain.evaluation import Metrics, predictions, score
+from retrain.gate import GateScores
+from retrain.pipeline import TrainingPipeline
+from retrain.trainer import Trainer
 
 
 class Start(StrEnum):
@@ -71,3 +82,96 @@ GRID: dict[str, Candidate] = {
 def candidates(settings: Settings) -> list[Candidate]:
     """The recipes this run tries, in the order the settings list them."""
     return [GRID[name] for name in settings.retrain_candidates]
+
+
+@dataclass
+class Scored:
+    """A model of a run scored for the gate: its scores, metrics, and predictions on the held-out feedback."""
+
+    name: str
+    version: ModelVersion
+    scores: GateScores
+    metrics: dict[str, Any]
+    predicted: list[str]
+    #: Why the gate may not choose it (it gave up too much of the golden holdout), or None.
+    refused: str | None = None
+
+    def trained_on_held_out(self) -> Scored:
+        """The same model, known to have learned from the held-out feedback: it has no score there to compare."""
+        scores = self.scores.model_copy(update={"feedback_macro_f1": math.nan})
+        return replace(self, scores=scores, metrics={**self.metrics, "feedback": None})
+
+    def record(self, candidate: Candidate, settings: Settings, seconds: float) -> dict[str, Any]:
+        """This candidate as the run record keeps it: recipe, training, scores and the gate's refusal."""
+        feedback = self.scores.feedback_macro_f1
+        return {
+            "name": self.name,
+            "version": self.version.version,
+            **candidate.describe(settings),
+            "seconds": round(seconds, 1),
+            "steps": self.version.card.steps_run,
+            "weight_interpolation": self.version.card.weight_interpolation,
+            "holdout_macro_f1": self.scores.holdout_macro_f1,
+            "holdout_class_f1": self.scores.holdout_class_f1,
+            "holdout_rows": self.scores.holdout_rows,
+            "feedback_macro_f1": None if math.isnan(feedback) else feedback,
+            "refused": self.refused,
+        }
+
+
+def train_candidate(
+    settings: Settings,
+    registry: ModelRegistry,
+    champion: ModelVersion,
+    data: RetrainData,
+    candidate: Candidate,
+    *,
+    progress: bool,
+    stop: threading.Event,
+) -> ModelVersion:
+    """Fine-tune ``candidate``'s recipe on the run's rows and register the result (never promoted here)."""
+    settings = candidate.settings(settings)
+    pipeline = TrainingPipeline(settings, registry, Trainer(settings, progress=progress, stop=stop))
+    train = data.train.assign(
+        weight=candidate.weights(data.train),
+        group=np.where(data.train["feedback_id"].notna(), "feedback", "original"),
+        augment=data.train["feedback_id"].notna(),
+    )
+    outcome = pipeline.run(
+        train,
+        warm_start=None if candidate.start == Start.BASE else champion.version,
+        promote=False,
+        sample_weight_column="weight",
+        probe=candidate.start == Start.PROBE,
+        group_column="group",
+        validation=data.validation,
+        added_labels=data.labels,
+        augment_column="augment" if settings.augment_feedback_only else None,
+    )
+    return outcome.version
+
+
+def score_version(version: ModelVersion, data: RetrainData, retained: pd.DataFrame, name: str = "champion") -> Scored:
+    """``version`` on the run's held-out feedback and on the retained rows, as the gate compares models."""
+    classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
+    holdout = Metrics.model_validate(version.card.holdout_metrics)
+    predicted = predictions(classifier, data.feedback_eval["text"].tolist())
+    # Macro-F1 over the labels each set has: every model is judged on the same classes, whichever it can output.
+    feedback = score(data.feedback_eval["label"].tolist(), predicted, sorted(set(data.feedback_eval["label"])))
+    kept = predictions(classifier, retained["text"].tolist())
+    retention = score(retained["label"].tolist(), kept, sorted(set(retained["label"])))
+    scores = GateScores(
+        unchecked_classes=sorted(set(data.labels) - set(retained["label"])),
+        holdout_macro_f1=retention.macro_f1,
+        feedback_macro_f1=feedback.macro_f1,
+        holdout_class_f1={label: m.f1 for label, m in retention.per_class.items()},
+        holdout_class_rows={label: m.support for label, m in retention.per_class.items()},
+        holdout_rows=retention.rows,
+    )
+    metrics = {
+        "version": version.version,
+        "holdout": holdout.model_dump(),
+        "retained": retention.model_dump(),
+        "feedback": feedback.model_dump(),
+    }
+    return Scored(name, version, scores, metrics, predicted)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -124,7 +124,7 @@ def assemble(
     n_eval = round(len(keys) * settings.retrain_eval_fraction) if len(keys) > 1 else 0
     eval_keys = set(rng.choice(keys, size=n_eval, replace=False)) if n_eval else set()
     held_out = feedback["_key"].isin(eval_keys)
-    feedback_eval = feedback[held_out & feedback["trusted"]][["text", "label"]].reset_index(drop=True)
+    feedback_eval = feedback[held_out & feedback["trusted"]][["text", "label", "feedback_id"]].reset_index(drop=True)
     feedback_train, capped = cap_untrusted(feedback[~held_out], settings.retrain_max_principal_share)
 
     original = pd.read_parquet(champion.training_data_path)
@@ -209,6 +209,17 @@ def _validation(
     return pd.concat([previous, held.assign(group="feedback")], ignore_index=True)[
         ["text", "label", "group", "feedback_id"]
     ]
+
+
+def with_held_out(data: RetrainData, settings: Settings) -> RetrainData:
+    """``data`` with its held-out slice among the training rows, as trusted feedback: what the chosen recipe trains
+    on once the gate has judged it (the slice then has nothing left to judge)."""
+    held = data.feedback_eval[["text", "label", "feedback_id"]].assign(weight=settings.retrain_feedback_weight)
+    return replace(
+        data,
+        train=pd.concat([data.train, held], ignore_index=True),
+        feedback_train_ids=[*data.feedback_train_ids, *held["feedback_id"]],
+    )
 
 
 def retained_rows(settings: Settings, data: RetrainData) -> pd.DataFrame:

@@ -3,6 +3,8 @@ the golden holdout got worse by more than allowed."""
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel
 
 
@@ -41,13 +43,15 @@ class GateDecision(BaseModel):
 
 
 def summary(champion: GateScores, challenger: GateScores) -> str:
-    """Both models' scores side by side."""
-    gain = challenger.feedback_macro_f1 - champion.feedback_macro_f1
+    """Both models' scores side by side (the holdout alone for a challenger that learned from the held-out feedback,
+    whose feedback score is NaN)."""
     change = challenger.holdout_macro_f1 - champion.holdout_macro_f1
-    return (
-        f"feedback macro-F1 {champion.feedback_macro_f1:.4f} -> {challenger.feedback_macro_f1:.4f} ({gain:+.4f}), "
-        f"holdout macro-F1 {champion.holdout_macro_f1:.4f} -> {challenger.holdout_macro_f1:.4f} ({change:+.4f})"
-    )
+    holdout = f"holdout macro-F1 {champion.holdout_macro_f1:.4f} -> {challenger.holdout_macro_f1:.4f} ({change:+.4f})"
+    if math.isnan(challenger.feedback_macro_f1):
+        return holdout
+    gain = challenger.feedback_macro_f1 - champion.feedback_macro_f1
+    feedback = f"feedback macro-F1 {champion.feedback_macro_f1:.4f} -> {challenger.feedback_macro_f1:.4f} ({gain:+.4f})"
+    return f"{feedback}, {holdout}"
 
 
 def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimits) -> str | None:
@@ -122,3 +126,17 @@ def replaces(
             f"{high:+.4f}])"
     forgot = keeps_holdout(reference, other, limits)
     return None if forgot is None else f"against the reference, {forgot}"
+
+
+def refit_refused(champion: GateScores, chosen: GateScores, refit: GateScores, limits: GateLimits) -> str | None:
+    """Why the chosen recipe trained again with the held-out slice among its rows may not serve in the chosen
+    candidate's place, or None when it may.
+
+    It learned from the slice, so it has no score there to compare: only forgetting can refuse it, measured on the
+    retained rows against the champion (as for any challenger) and against the candidate the gate judged.
+    """
+    forgot = keeps_holdout(champion, refit, limits)
+    if forgot is not None:
+        return f"against the champion, {forgot}"
+    forgot = keeps_holdout(chosen, refit, limits)
+    return None if forgot is None else f"against the judged candidate, {forgot}"

@@ -53,6 +53,8 @@ class CandidateRecord(BaseModel):
     #: The reference candidate it was compared with, and why it did not replace it.
     versus: str | None = None
     why_not: str | None = None
+    #: The candidate whose recipe it trained again with the held-out slice among its rows, once the gate chose it.
+    refit_of: str | None = None
 
 
 class GateEvidence(BaseModel):
@@ -61,6 +63,8 @@ class GateEvidence(BaseModel):
     feedback_eval_rows: int | None = None
     self_training_rows: int | None = None
     chosen: str | None = None
+    #: The model served in the chosen candidate's place: its recipe trained again with the held-out slice.
+    served: str | None = None
     gain: float | None = None
     gain_interval: list[float] | None = None
     confidence: float | None = None

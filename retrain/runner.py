@@ -6,15 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sqlmodel import col, select
 
-from flywheel.classifier import Classifier
 from flywheel.database import Database
 from flywheel.events import utcnow
 from flywheel.label_set import LabelSet
@@ -22,32 +19,17 @@ from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from retrain.candidates import Candidate, Start, candidates
-from retrain.dataset import RetrainData, assemble, retained_rows
-from retrain.evaluation import Metrics, bootstrap_macro_f1, predictions, score
-from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces, summary
+from retrain.candidates import GRID, Scored, candidates, score_version, train_candidate
+from retrain.dataset import RetrainData, assemble, retained_rows, with_held_out
+from retrain.evaluation import bootstrap_macro_f1
+from retrain.gate import GateLimits, decide, keeps_holdout, refit_refused, replaces, summary
 from retrain.lease import RetrainLock
-from retrain.pipeline import TrainingPipeline
 from retrain.promotion import Promoter, RunNotFoundError, starting_point
 from retrain.shadow_phase import ShadowPhase
-from retrain.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 FINAL = (RunStatus.PROMOTED, RunStatus.REJECTED, RunStatus.SKIPPED, RunStatus.FAILED)
-
-
-@dataclass
-class Scored:
-    """A model of this run scored for the gate: its scores, metrics, and predictions on the held-out feedback."""
-
-    name: str
-    version: ModelVersion
-    scores: GateScores
-    metrics: dict[str, Any]
-    predicted: list[str]
-    #: Why the gate may not choose it (it gave up too much of the golden holdout), or None.
-    refused: str | None = None
 
 
 class RetrainRunner:
@@ -208,7 +190,7 @@ class RetrainRunner:
             max_class_drop=self.settings.retrain_max_class_drop,
         )
         retained = retained_rows(self.settings, data)
-        champion_scored = self._score(champion, data, retained)
+        champion_scored = score_version(champion, data, retained)
         self._update(run_id, champion_metrics=champion_scored.metrics)
         tried, records = self._train_candidates(
             run_id, champion, data, retained, champion_scored=champion_scored, limits=limits, started=started
@@ -238,11 +220,18 @@ class RetrainRunner:
         if not decision.promote:
             self._finish(run_id, RunStatus.REJECTED, decision.reason + note, started)
             return
+        served, learned = self._refit(run_id, champion, data, retained, best, champion_scored=champion_scored,
+                                      limits=limits, records=records, started=started)
+        if served is not best:
+            note += f"; serving {served.name}: its recipe again with the {len(data.feedback_eval)} held-out labels"
+            evidence["served"] = served.name
+            self._update(run_id, challenger_version=served.version.version, challenger_metrics=served.metrics,
+                         gate_evidence=evidence)
         # A compare-and-swap from the champion the run started from, fenced by the lease; the labels are marked used
         # in the same transaction that records the promotion (``retrain.promotion`` lists the crash windows). With a
         # shadow phase the challenger is deployed as a shadow first, and the worker promotes it later the same way.
         promote = self.shadow_phase.begin if self.settings.retrain_shadow_minutes else self.promoter.promote
-        promote(run_id, challenger=best.version.version, expected=start.expected, feedback_ids=data.feedback_train_ids,
+        promote(run_id, challenger=served.version.version, expected=start.expected, feedback_ids=learned,
                 reason=(decision.reason + note)[:1000], started=started)
 
     def _gain(self, scored: Scored, baseline: Scored, data: RetrainData) -> tuple[float, float]:
@@ -289,40 +278,70 @@ class RetrainRunner:
         started: float,
     ) -> tuple[list[Scored], list[dict[str, Any]]]:
         """Train each candidate of the grid within the time budget; record every one in the run as it finishes."""
-        budget = self.settings.retrain_time_budget_minutes * 60
         tried: list[Scored] = []
         records: list[dict[str, Any]] = []
-        longest = 0.0
         for candidate in candidates(self.settings):
-            elapsed = time.monotonic() - started
-            if tried and elapsed + longest > budget:
-                records.append({"name": candidate.name, "skipped": f"time budget: {elapsed:.0f} s of {budget:.0f} s "
-                                f"used, the longest candidate took {longest:.0f} s"})
+            skip = self._out_of_time(records, started) if tried else None
+            if skip is not None:
+                records.append({"name": candidate.name, "skipped": skip})
                 continue
             began = time.monotonic()
-            version = self._train(champion, data, candidate)
-            scored = self._score(version, data, retained, name=candidate.name)
+            version = train_candidate(self.settings, self.registry, champion, data, candidate, progress=self.progress,
+                                      stop=self.stop)
+            scored = score_version(version, data, retained, name=candidate.name)
             scored.refused = keeps_holdout(champion_scored.scores, scored.scores, limits)
-            seconds = time.monotonic() - began
-            longest = max(longest, seconds)
             tried.append(scored)
-            records.append({
-                "name": candidate.name,
-                "version": version.version,
-                **candidate.describe(self.settings),
-                "seconds": round(seconds, 1),
-                "steps": version.card.steps_run,
-                "weight_interpolation": version.card.weight_interpolation,
-                "holdout_macro_f1": scored.scores.holdout_macro_f1,
-                "holdout_class_f1": scored.scores.holdout_class_f1,
-                "holdout_rows": scored.scores.holdout_rows,
-                "feedback_macro_f1": scored.scores.feedback_macro_f1,
-                "refused": scored.refused,
-            })
+            records.append(scored.record(candidate, self.settings, time.monotonic() - began))
             self._update(run_id, candidates=list(records))
             logger.info("retrain run %s: candidate %s %s", run_id, candidate.name, summary(
                 champion_scored.scores, scored.scores))
         return tried, records
+
+    def _out_of_time(self, records: list[dict[str, Any]], started: float) -> str | None:
+        """Why no further model may be trained (the longest so far would not fit the time budget), or None."""
+        budget = self.settings.retrain_time_budget_minutes * 60
+        elapsed = time.monotonic() - started
+        longest = max((float(record.get("seconds") or 0.0) for record in records), default=0.0)
+        if elapsed + longest <= budget:
+            return None
+        return f"time budget: {elapsed:.0f} s of {budget:.0f} s used, the longest candidate took {longest:.0f} s"
+
+    def _refit(
+        self,
+        run_id: str,
+        champion: ModelVersion,
+        data: RetrainData,
+        retained: pd.DataFrame,
+        chosen: Scored,
+        *,
+        champion_scored: Scored,
+        limits: GateLimits,
+        records: list[dict[str, Any]],
+        started: float,
+    ) -> tuple[Scored, list[str]]:
+        """The model to serve and the labels it learned from: the chosen recipe trained again with the held-out slice
+        among its rows (``retrain_refit``), or else the chosen candidate.
+
+        The slice judged the recipe; a model that learned from it cannot be measured on it, so it serves only when it
+        keeps the retained rows against the champion and against the candidate, within the gate's limits.
+        """
+        if not self.settings.retrain_refit:
+            return chosen, data.feedback_train_ids
+        name, skip = f"{chosen.name}+held-out", self._out_of_time(records, started)
+        if skip is not None:
+            records.append({"name": name, "refit_of": chosen.name, "skipped": skip})
+            self._update(run_id, candidates=list(records))
+            return chosen, data.feedback_train_ids
+        recipe, full, began = GRID[chosen.name], with_held_out(data, self.settings), time.monotonic()
+        version = train_candidate(self.settings, self.registry, champion, full, recipe, progress=self.progress,
+                                  stop=self.stop)
+        refit = score_version(version, data, retained, name=name).trained_on_held_out()
+        refit.refused = refit_refused(champion_scored.scores, chosen.scores, refit.scores, limits)
+        records.append({**refit.record(recipe, self.settings, time.monotonic() - began), "refit_of": chosen.name})
+        self._update(run_id, candidates=list(records))
+        logger.info("retrain run %s: %s %s%s", run_id, name, summary(champion_scored.scores, refit.scores),
+                    f"; refused {refit.refused}" if refit.refused else "")
+        return (chosen, data.feedback_train_ids) if refit.refused else (refit, full.feedback_train_ids)
 
     def _skip_reason(self, data: RetrainData) -> str | None:
         """Why the gate could not judge a challenger on ``data``, or None when it can."""
@@ -344,52 +363,3 @@ class RetrainRunner:
         shown = ", ".join(f"{source} {count}" for source, count in biggest[:3]) + (", ..." if len(biggest) > 3 else "")
         share = self.settings.retrain_max_principal_share
         return f"; the per-principal cap ({share * 100:g}%) left out {data.capped_rows} feedback rows ({shown})"
-
-    def _train(self, champion: ModelVersion, data: RetrainData, candidate: Candidate) -> ModelVersion:
-        settings = candidate.settings(self.settings)
-        trainer = Trainer(settings, progress=self.progress, stop=self.stop)
-        pipeline = TrainingPipeline(settings, self.registry, trainer)
-        train = data.train.assign(
-            weight=candidate.weights(data.train),
-            group=np.where(data.train["feedback_id"].notna(), "feedback", "original"),
-            augment=data.train["feedback_id"].notna(),
-        )
-        outcome = pipeline.run(
-            train,
-            warm_start=None if candidate.start == Start.BASE else champion.version,
-            promote=False,
-            sample_weight_column="weight",
-            probe=candidate.start == Start.PROBE,
-            group_column="group",
-            validation=data.validation,
-            added_labels=data.labels,
-            augment_column="augment" if settings.augment_feedback_only else None,
-        )
-        return outcome.version
-
-    def _score(
-        self, version: ModelVersion, data: RetrainData, retained: pd.DataFrame, name: str = "champion"
-    ) -> Scored:
-        classifier = Classifier.load(version.model_dir, max_length=version.card.max_length, version=version.version)
-        holdout = Metrics.model_validate(version.card.holdout_metrics)
-        predicted = predictions(classifier, data.feedback_eval["text"].tolist())
-        # Macro-F1 over the labels each set has: every model is judged on the same classes, whichever it can output.
-        feedback = score(data.feedback_eval["label"].tolist(), predicted, sorted(set(data.feedback_eval["label"])))
-        kept = predictions(classifier, retained["text"].tolist())
-        retention = score(retained["label"].tolist(), kept, sorted(set(retained["label"])))
-        scores = GateScores(
-            unchecked_classes=sorted(set(data.labels) - set(retained["label"])),
-            holdout_macro_f1=retention.macro_f1,
-            feedback_macro_f1=feedback.macro_f1,
-            holdout_class_f1={label: m.f1 for label, m in retention.per_class.items()},
-            holdout_class_rows={label: m.support for label, m in retention.per_class.items()},
-            holdout_rows=retention.rows,
-        )
-        metrics = {
-            "version": version.version,
-            "holdout": holdout.model_dump(),
-            "retained": retention.model_dump(),
-            "feedback": feedback.model_dump(),
-        }
-        return Scored(name, version, scores, metrics, predicted)
-

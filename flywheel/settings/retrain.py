@@ -20,12 +20,19 @@ class RetrainSettings(FlywheelSettings):
         100, ge=1, description="Accepted, unused feedback labels that trigger a retrain at the next check."
     )
     retrain_candidates: Annotated[list[Literal["warm", "gentle", "bold", "eager", "probe", "base"]], NoDecode] = Field(
-        ["warm", "bold", "probe"],
+        ["warm", "bold"],
         min_length=1,
         description="Challenger recipes one run trains, in order, comma-separated: warm (from the champion), "
         "gentle (half the learning rate), bold (twice the learning rate), eager (twice the feedback weight), probe "
         "(the champion's encoder with its head refit as a linear probe), base (the base model with a linear-probe "
         "head).",
+    )
+    retrain_refit: bool = Field(
+        True,
+        description="Once the gate promotes a candidate, train its recipe once more with the held-out slice among its "
+        "rows (every fresh label) and serve that model instead, if it keeps the retained rows against the champion "
+        "and the candidate; the slice's labels are then used. The slice judged the recipe; off, the candidate "
+        "itself serves and the slice's labels wait for the next run.",
     )
     retrain_time_budget_minutes: float = Field(
         15.0,
@@ -69,8 +76,9 @@ class RetrainSettings(FlywheelSettings):
         0.3,
         gt=0,
         lt=1,
-        description="Share of fresh trusted feedback texts held out from training to compare the two models "
-        "(only trusted or reviewer-confirmed labels judge a challenger).",
+        description="Share of fresh trusted feedback texts held out from the candidates' training to judge them "
+        "against the champion (only trusted or reviewer-confirmed labels judge a challenger); with "
+        "FLYWHEEL_RETRAIN_REFIT the served model learns from them once they have judged.",
     )
     retrain_min_eval_rows: int = Field(
         30,

@@ -61,6 +61,14 @@ def test_loop_bench_scores_a_retrain_on_a_new_domain(bench: dict[str, str]) -> N
     assert "every candidate:" in out and "   0 support   champion " in out, out
 
 
+def test_loop_bench_task_grows_the_head_for_a_label_added_after_launch(bench: dict[str, str]) -> None:
+    out = run("loop_bench.py", bench, "--task", "finance3", "--seeds", "1", "--corrections", "60",
+              "--new-labels", "neutral")
+    # The champion never saw `neutral`; its line shows the champion's 0 and what the served model made of it.
+    assert "task finance3" in out and "seeds promoted" in out, out
+    assert any(line.startswith("neutral ") and "0.000 ->" in line for line in out.splitlines()), out
+
+
 def test_active_bench_compares_the_queue_with_random_order(bench: dict[str, str]) -> None:
     out = run("active_bench.py", bench, "--champion-rows", "200", "--budgets", "30", "--random-seeds", "1",
               "--pool-rows", "60")

@@ -1,0 +1,91 @@
+"""The served model learns from every fresh label: once the gate has judged the chosen candidate on the held-out
+slice, its recipe trains again with the slice among its rows and serves in its place, unless it forgets."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from feedback.store import FeedbackStore
+from flywheel.models.retrain import RunStatus, RunTrigger
+from flywheel.text import dedupe_key
+from retrain.gate import GateLimits, GateScores, refit_refused, summary
+from retrain.runner import RetrainRunner
+from tests.retrain.conftest import label, trust
+from tests.support import product_reviews
+
+LIMITS = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
+
+
+def refitting(runner: RetrainRunner, **settings: object) -> RetrainRunner:
+    """The fixture's runner with the default refit on (the suite's tiny settings turn it off)."""
+    return RetrainRunner(runner.settings.model_copy(update={"retrain_refit": True, **settings}), runner.database,
+                         runner.registry, progress=False)
+
+
+def statuses(store: FeedbackStore) -> pd.Series:
+    return pd.Series([row.status for row in store.export()], dtype=str).value_counts()
+
+
+@pytest.mark.slow
+def test_a_promoted_run_serves_its_recipe_trained_again_with_the_held_out_labels(
+    runner: RetrainRunner, store: FeedbackStore
+) -> None:
+    trust(store)
+    label(store, product_reviews(160, seed=1))
+    run = refitting(runner).run(RunTrigger.MANUAL)
+
+    assert run is not None and run.status == RunStatus.PROMOTED, run
+    assert run.candidates is not None and [c["name"] for c in run.candidates] == ["warm", "warm+held-out"]
+    judged, refit = run.candidates
+    assert refit["refit_of"] == "warm" and refit["refused"] is None, refit
+    # It learned from the slice, so the record keeps no slice score for it, only its retained rows.
+    assert refit["feedback_macro_f1"] is None and refit["holdout_rows"] == judged["holdout_rows"] > 0
+    assert run.gate_evidence is not None
+    assert run.gate_evidence["chosen"] == "warm" and run.gate_evidence["served"] == "warm+held-out"
+    assert runner.registry.champion() == run.challenger_version == refit["version"] != judged["version"]
+    assert run.challenger_metrics is not None and run.challenger_metrics["feedback"] is None
+    assert "serving warm+held-out" in (run.reason or "")
+    # Every fresh label taught the served model: those that trained the candidate and those that judged it.
+    trained = set(pd.read_parquet(runner.registry.get(refit["version"]).training_data_path)["text"].map(dedupe_key))
+    judged_on = set(pd.read_parquet(runner.registry.get(judged["version"]).training_data_path)["text"].map(dedupe_key))
+    assert len(trained - judged_on) == run.feedback_eval_rows
+    assert statuses(store).to_dict() == {"used": run.feedback_train_rows + run.feedback_eval_rows}
+    assert {row.used_by_version for row in store.export()} == {refit["version"]}
+
+
+@pytest.mark.slow
+def test_out_of_time_the_judged_candidate_serves_and_the_slice_waits_for_the_next_run(
+    runner: RetrainRunner, store: FeedbackStore
+) -> None:
+    trust(store)
+    label(store, product_reviews(160, seed=1))
+    # A budget the first candidate already overruns: nothing more is trained.
+    run = refitting(runner, retrain_time_budget_minutes=1e-4).run(RunTrigger.MANUAL)
+
+    assert run is not None and run.status == RunStatus.PROMOTED, run
+    assert run.candidates is not None and [c["name"] for c in run.candidates] == ["warm", "warm+held-out"]
+    skipped = run.candidates[1]
+    assert skipped["refit_of"] == "warm" and skipped["skipped"].startswith("time budget:"), skipped
+    assert runner.registry.champion() == run.challenger_version == run.candidates[0]["version"]
+    assert "served" not in (run.gate_evidence or {})
+    assert statuses(store).to_dict() == {"used": run.feedback_train_rows, "accepted": run.feedback_eval_rows}
+
+
+def test_a_refit_serves_only_if_it_keeps_the_retained_rows_against_the_champion_and_the_judged_candidate() -> None:
+    champion = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.60, holdout_class_f1={"a": 0.8, "b": 0.8})
+    judged = GateScores(holdout_macro_f1=0.82, feedback_macro_f1=0.75, holdout_class_f1={"a": 0.82, "b": 0.82})
+    refit = judged.model_copy(update={"feedback_macro_f1": math.nan})
+    assert refit_refused(champion, judged, refit, LIMITS) is None
+    # Still within a point of the champion, but 1.5 points below the candidate the gate judged.
+    slipped = refit.model_copy(update={"holdout_macro_f1": 0.805, "holdout_class_f1": {"a": 0.805, "b": 0.805}})
+    refused = refit_refused(champion, judged, slipped, LIMITS)
+    assert refused is not None and refused.startswith("against the judged candidate, golden holdout fell"), refused
+    # A class the champion knew, lost: refused against the champion first.
+    lost = refit.model_copy(update={"holdout_class_f1": {"a": 0.90, "b": 0.74}})
+    refused = refit_refused(champion, judged, lost, LIMITS)
+    assert refused is not None and refused.startswith("against the champion, holdout F1 of class 'b'"), refused
+    # The slice it learned from gives no score: its summary shows the retained rows only.
+    assert summary(champion, slipped) == "holdout macro-F1 0.8000 -> 0.8050 (+0.0050)"
