@@ -12,6 +12,8 @@ from feedback.store import FeedbackStore
 from flywheel.models.retrain import RunStatus, RunTrigger
 from flywheel.text import dedupe_key
 from retrain.gate import GateLimits, GateScores, refit_refused, summary
+from retrain.model_history import load_history
+from retrain.models_page import Viewer, index_page
 from retrain.runner import RetrainRunner
 from tests.retrain.conftest import label, trust
 from tests.support import product_reviews
@@ -54,6 +56,11 @@ def test_a_promoted_run_serves_its_recipe_trained_again_with_the_held_out_labels
     assert len(trained - judged_on) == run.feedback_eval_rows
     assert statuses(store).to_dict() == {"used": run.feedback_train_rows + run.feedback_eval_rows}
     assert {row.used_by_version for row in store.export()} == {refit["version"]}
+    # The model page tells the judged candidate from the model that served in its place.
+    history = load_history(runner.registry, runner.database, lambda *_: {})
+    html = index_page(history, Viewer("ops", "reviewer", anonymous=False, admin=False), reload_seconds=0.5)
+    assert "chosen for the gate, warm+held-out served in its place" in html
+    assert "served in place of warm: its recipe again with the held-out slice, which it has no score on" in html
 
 
 @pytest.mark.slow
