@@ -227,6 +227,9 @@ def _candidates(run: RetrainRunPublic) -> str:
     for candidate in run.candidates or []:
         if "skipped" in candidate:
             parts.append(f"{candidate['name']} skipped")
+        elif candidate.get("feedback_macro_f1") is None:
+            # Trained again with the held-out slice once the gate chose its recipe: it has no score on that slice.
+            parts.append(f"{candidate['name']} ({'refused' if candidate.get('refused') else 'no slice score'})")
         else:
             mark = " (refused)" if candidate.get("refused") else ""
             parts.append(f"{candidate['name']} {candidate['feedback_macro_f1']:.3f}{mark}")

@@ -15,6 +15,7 @@ from retrain.gate import GateLimits, GateScores, refit_refused, summary
 from retrain.model_history import load_history
 from retrain.models_page import Viewer, index_page
 from retrain.runner import RetrainRunner
+from tests.conftest import run_cli
 from tests.retrain.conftest import label, trust
 from tests.support import product_reviews
 
@@ -33,7 +34,7 @@ def statuses(store: FeedbackStore) -> pd.Series:
 
 @pytest.mark.slow
 def test_a_promoted_run_serves_its_recipe_trained_again_with_the_held_out_labels(
-    runner: RetrainRunner, store: FeedbackStore
+    runner: RetrainRunner, store: FeedbackStore, home_env: dict[str, str]
 ) -> None:
     trust(store)
     label(store, product_reviews(160, seed=1))
@@ -56,6 +57,9 @@ def test_a_promoted_run_serves_its_recipe_trained_again_with_the_held_out_labels
     assert len(trained - judged_on) == run.feedback_eval_rows
     assert statuses(store).to_dict() == {"used": run.feedback_train_rows + run.feedback_eval_rows}
     assert {row.used_by_version for row in store.export()} == {refit["version"]}
+    # `flywheel runs` lists it although it has no slice score to print.
+    runs = run_cli(home_env, "runs")
+    assert runs.returncode == 0 and "promoted" in runs.stdout and not runs.stderr, runs.stderr
     # The model page tells the judged candidate from the model that served in its place.
     history = load_history(runner.registry, runner.database, lambda *_: {})
     html = index_page(history, Viewer("ops", "reviewer", anonymous=False, admin=False), reload_seconds=0.5)
