@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -96,6 +96,9 @@ class Scored:
     #: Why the gate may not choose it (it gave up too much of the golden holdout), or None.
     refused: str | None = None
 
+    #: The models of this recipe, one per fold of the judged feedback (just ``version`` with a single slice).
+    folds: list[ModelVersion] = field(default_factory=list)
+
     def trained_on_held_out(self) -> Scored:
         """The same model, known to have learned from the held-out feedback: it has no score there to compare."""
         scores = self.scores.model_copy(update={"feedback_macro_f1": math.nan})
@@ -116,6 +119,7 @@ class Scored:
             "holdout_rows": self.scores.holdout_rows,
             "feedback_macro_f1": None if math.isnan(feedback) else feedback,
             "refused": self.refused,
+            **({"folds": [version.version for version in self.folds]} if len(self.folds) > 1 else {}),
         }
 
 
@@ -175,3 +179,18 @@ def score_version(version: ModelVersion, data: RetrainData, retained: pd.DataFra
         "feedback": feedback.model_dump(),
     }
     return Scored(name, version, scores, metrics, predicted)
+
+
+def combine(name: str, parts: list[Scored], truth: list[str]) -> Scored:
+    """A recipe judged out of fold: ``parts`` are its models, each scored on the fold of feedback it never learned
+    (``truth``: those folds' labels, in order). Their predictions together judge it on every held-out label; on the
+    retained rows it counts as its worst model, class by class. It stands for its first model (what serves if the
+    recipe is not trained again on every label)."""
+    predicted = [label for part in parts for label in part.predicted]
+    feedback = score(truth, predicted, sorted(set(truth)))
+    worst = min(parts, key=lambda part: part.scores.holdout_macro_f1)
+    classes = {label: min(part.scores.holdout_class_f1.get(label, 0.0) for part in parts)
+               for label in worst.scores.holdout_class_f1}
+    scores = worst.scores.model_copy(update={"feedback_macro_f1": feedback.macro_f1, "holdout_class_f1": classes})
+    metrics = {**parts[0].metrics, "retained": worst.metrics["retained"], "feedback": feedback.model_dump()}
+    return Scored(name, parts[0].version, scores, metrics, predicted, folds=[part.version for part in parts])

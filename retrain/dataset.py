@@ -86,8 +86,10 @@ def assemble(
     *,
     added_labels: Collection[str] = (),
     pseudo_labels: Sequence[PseudoLabel] = (),
+    fold: int = 0,
 ) -> RetrainData:
-    """Replay the champion's data, add capped feedback (trusted rows weighted higher), hold out trusted texts.
+    """Replay the champion's data, add capped feedback (trusted rows weighted higher), hold out trusted texts: fold
+    ``fold`` of ``retrain_folds`` (each trusted text is in one fold), or with one fold a ``retrain_eval_fraction``.
 
     Feedback counts when the champion has its label or an admin added it (``added_labels``): rows of an added label
     make the challenger's head grow by one output. ``pseudo_labels`` (self-training) join the training rows with a
@@ -120,9 +122,7 @@ def assemble(
     # Split by text, not by row: the same text labeled twice must not land on both sides. Held-out texts are drawn
     # from trusted labels only; untrusted labels of a held-out text neither train nor judge.
     keys = np.array(sorted(feedback.loc[feedback["trusted"], "_key"].unique()))
-    rng = np.random.default_rng(seed)
-    n_eval = round(len(keys) * settings.retrain_eval_fraction) if len(keys) > 1 else 0
-    eval_keys = set(rng.choice(keys, size=n_eval, replace=False)) if n_eval else set()
+    eval_keys = _held_out_keys(keys, settings, seed, fold)
     held_out = feedback["_key"].isin(eval_keys)
     feedback_eval = feedback[held_out & feedback["trusted"]][["text", "label", "feedback_id"]].reset_index(drop=True)
     feedback_train, capped = cap_untrusted(feedback[~held_out], settings.retrain_max_principal_share)
@@ -168,6 +168,18 @@ def assemble(
     )
 
 
+def _held_out_keys(keys: np.ndarray, settings: Settings, seed: int, fold: int) -> set[str]:
+    """The trusted texts (dedupe keys, sorted) ``fold`` holds out: every ``retrain_folds``-th of a seeded order, so the
+    folds of one seed partition them; with one fold, a seeded ``retrain_eval_fraction`` of them."""
+    rng = np.random.default_rng(seed)
+    if len(keys) < 2:
+        return set()
+    if settings.retrain_folds > 1:
+        return set(keys[rng.permutation(len(keys))[fold :: settings.retrain_folds]])
+    n_eval = round(len(keys) * settings.retrain_eval_fraction)
+    return set(rng.choice(keys, size=n_eval, replace=False)) if n_eval else set()
+
+
 def _self_training(
     rows: Sequence[PseudoLabel], known: set[str], taken: set[str], settings: Settings
 ) -> pd.DataFrame:
@@ -209,6 +221,12 @@ def _validation(
     return pd.concat([previous, held.assign(group="feedback")], ignore_index=True)[
         ["text", "label", "group", "feedback_id"]
     ]
+
+
+def judged(folds: Sequence[RetrainData]) -> RetrainData:
+    """The first fold with every fold's held-out rows as its ``feedback_eval``: the rows a recipe's models are judged
+    on together, in fold order."""
+    return replace(folds[0], feedback_eval=pd.concat([fold.feedback_eval for fold in folds], ignore_index=True))
 
 
 def with_held_out(data: RetrainData, settings: Settings) -> RetrainData:

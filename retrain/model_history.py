@@ -55,6 +55,8 @@ class CandidateRecord(BaseModel):
     why_not: str | None = None
     #: The candidate whose recipe it trained again with the held-out slice among its rows, once the gate chose it.
     refit_of: str | None = None
+    #: Its models, one per fold of the judged feedback, when the gate cross-fitted (``version`` is the first).
+    folds: list[str] | None = None
 
 
 class GateEvidence(BaseModel):
@@ -63,6 +65,8 @@ class GateEvidence(BaseModel):
     feedback_eval_rows: int | None = None
     self_training_rows: int | None = None
     chosen: str | None = None
+    #: Folds of the trusted feedback the recipes were judged on out of fold (1: a single held-out slice).
+    folds: int | None = None
     #: The model served in the chosen candidate's place: its recipe trained again with the held-out slice.
     served: str | None = None
     gain: float | None = None
@@ -245,8 +249,8 @@ def _runs_by_version(database: Database) -> dict[str, tuple[RunView, CandidateRe
     for run in runs:
         view = _run_view(run)
         for record in view.candidates:
-            if record.version:
-                produced[record.version] = (view, record)
+            for version in {*(record.folds or []), *([record.version] if record.version else [])}:
+                produced[version] = (view, record)
         # Runs recorded before candidates were kept name only the challenger they judged.
         if run.challenger_version and run.challenger_version not in produced:
             produced[run.challenger_version] = (view, None)

@@ -19,8 +19,8 @@ from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RetrainRun, RetrainRunPublic, RunStatus, RunTrigger
 from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
-from retrain.candidates import GRID, Scored, candidates, score_version, train_candidate
-from retrain.dataset import RetrainData, assemble, retained_rows, with_held_out
+from retrain.candidates import GRID, Scored, candidates, combine, score_version, train_candidate
+from retrain.dataset import RetrainData, assemble, judged, retained_rows, with_held_out
 from retrain.evaluation import bootstrap_macro_f1
 from retrain.gate import GateLimits, decide, keeps_holdout, refit_refused, replaces, summary
 from retrain.lease import RetrainLock
@@ -169,8 +169,11 @@ class RetrainRunner:
             if s.retrain_self_training
             else []
         )
-        data = assemble(champion, self.labels.training_rows(), s, s.seed,
-                        added_labels=LabelSet(self.database).added_names(), pseudo_labels=pseudo)
+        rows, added = self.labels.training_rows(), LabelSet(self.database).added_names()
+        # Each fold holds out its share of the trusted labels; together they judge every one (cross-fitting).
+        folds = [assemble(champion, rows, s, s.seed, added_labels=added, pseudo_labels=pseudo, fold=fold)
+                 for fold in range(s.retrain_folds)]
+        data = judged(folds)
         self._update(
             run_id,
             champion_version=champion.version,
@@ -189,11 +192,11 @@ class RetrainRunner:
             max_holdout_drop=self.settings.retrain_max_holdout_drop,
             max_class_drop=self.settings.retrain_max_class_drop,
         )
-        retained = retained_rows(self.settings, data)
-        champion_scored = score_version(champion, data, retained)
+        retained, truth = retained_rows(self.settings, data), data.feedback_eval["label"].tolist()
+        champion_scored = combine("champion", [score_version(champion, fold, retained) for fold in folds], truth)
         self._update(run_id, champion_metrics=champion_scored.metrics)
         tried, records = self._train_candidates(
-            run_id, champion, data, retained, champion_scored=champion_scored, limits=limits, started=started
+            run_id, champion, folds, retained, champion_scored=champion_scored, limits=limits, started=started
         )
         allowed = [scored for scored in tried if scored.refused is None]
         if not allowed:
@@ -207,6 +210,7 @@ class RetrainRunner:
         decision = decide(champion_scored.scores, best.scores, limits, interval)
         evidence = {
             "feedback_eval_rows": len(data.feedback_eval),
+            "folds": len(folds),
             "self_training_rows": data.self_training_rows,
             "chosen": best.name,
             "gain": round(best.scores.feedback_macro_f1 - champion_scored.scores.feedback_macro_f1, 6),
@@ -220,7 +224,7 @@ class RetrainRunner:
         if not decision.promote:
             self._finish(run_id, RunStatus.REJECTED, decision.reason + note, started)
             return
-        served, learned = self._refit(run_id, champion, data, retained, best, champion_scored=champion_scored,
+        served, learned = self._refit(run_id, champion, folds[0], retained, best, champion_scored=champion_scored,
                                       limits=limits, records=records, started=started)
         if served is not best:
             note += f"; serving {served.name}: its recipe again with the {len(data.feedback_eval)} held-out labels"
@@ -270,25 +274,32 @@ class RetrainRunner:
         self,
         run_id: str,
         champion: ModelVersion,
-        data: RetrainData,
+        folds: list[RetrainData],
         retained: pd.DataFrame,
         *,
         champion_scored: Scored,
         limits: GateLimits,
         started: float,
     ) -> tuple[list[Scored], list[dict[str, Any]]]:
-        """Train each candidate of the grid within the time budget; record every one in the run as it finishes."""
+        """Train each candidate of the grid, one model per fold, within the time budget; record every one in the run
+        as it finishes."""
         tried: list[Scored] = []
         records: list[dict[str, Any]] = []
+        truth = judged(folds).feedback_eval["label"].tolist()
         for candidate in candidates(self.settings):
-            skip = self._out_of_time(records, started) if tried else None
+            longest = max((float(record.get("seconds") or 0.0) for record in records), default=0.0)
+            # With a refit to come, one model's time stays reserved for it: it is what serves.
+            reserve = longest / len(folds) if self.settings.retrain_refit else 0.0
+            skip = self._out_of_time(started, longest + reserve) if tried else None
             if skip is not None:
                 records.append({"name": candidate.name, "skipped": skip})
                 continue
-            began = time.monotonic()
-            version = train_candidate(self.settings, self.registry, champion, data, candidate, progress=self.progress,
-                                      stop=self.stop)
-            scored = score_version(version, data, retained, name=candidate.name)
+            began, parts = time.monotonic(), []
+            for fold in folds:
+                version = train_candidate(self.settings, self.registry, champion, fold, candidate,
+                                          progress=self.progress, stop=self.stop)
+                parts.append(score_version(version, fold, retained, name=candidate.name))
+            scored = combine(candidate.name, parts, truth)
             scored.refused = keeps_holdout(champion_scored.scores, scored.scores, limits)
             tried.append(scored)
             records.append(scored.record(candidate, self.settings, time.monotonic() - began))
@@ -297,14 +308,13 @@ class RetrainRunner:
                 champion_scored.scores, scored.scores))
         return tried, records
 
-    def _out_of_time(self, records: list[dict[str, Any]], started: float) -> str | None:
-        """Why no further model may be trained (the longest so far would not fit the time budget), or None."""
+    def _out_of_time(self, started: float, needed: float) -> str | None:
+        """Why work that takes ``needed`` seconds may not start within the time budget any more, or None."""
         budget = self.settings.retrain_time_budget_minutes * 60
         elapsed = time.monotonic() - started
-        longest = max((float(record.get("seconds") or 0.0) for record in records), default=0.0)
-        if elapsed + longest <= budget:
+        if elapsed + needed <= budget:
             return None
-        return f"time budget: {elapsed:.0f} s of {budget:.0f} s used, the longest candidate took {longest:.0f} s"
+        return f"time budget: {elapsed:.0f} s of {budget:.0f} s used, {needed:.0f} s more needed (the longest so far)"
 
     def _refit(
         self,
@@ -319,15 +329,18 @@ class RetrainRunner:
         records: list[dict[str, Any]],
         started: float,
     ) -> tuple[Scored, list[str]]:
-        """The model to serve and the labels it learned from: the chosen recipe trained again with the held-out slice
-        among its rows (``retrain_refit``), or else the chosen candidate.
+        """The model to serve and the labels it learned from: the chosen recipe trained again with the held-out labels
+        among its rows (``retrain_refit``; ``data`` is the first fold), or else the chosen candidate's first model.
 
-        The slice judged the recipe; a model that learned from it cannot be measured on it, so it serves only when it
-        keeps the retained rows against the champion and against the candidate, within the gate's limits.
+        The held-out labels judged the recipe; a model that learned from them cannot be measured on them, so it serves
+        only when it keeps the retained rows against the champion and against the candidate, within the gate's limits.
         """
         if not self.settings.retrain_refit:
             return chosen, data.feedback_train_ids
-        name, skip = f"{chosen.name}+held-out", self._out_of_time(records, started)
+        # One model now, where each candidate trained one per fold.
+        longest = max(float(record.get("seconds") or 0.0) / max(1, len(record.get("folds") or [1]))
+                      for record in records)
+        name, skip = f"{chosen.name}+held-out", self._out_of_time(started, longest)
         if skip is not None:
             records.append({"name": name, "refit_of": chosen.name, "skipped": skip})
             self._update(run_id, candidates=list(records))

@@ -38,8 +38,9 @@ TINY_TRAINING_ENV = {
     # The tiny model learns the synthetic task in a few epochs: no minimum of steps, one challenger per retrain.
     "FLYWHEEL_MIN_TRAIN_STEPS": "1",
     "FLYWHEEL_RETRAIN_CANDIDATES": "warm",
-    # The served model is the judged candidate itself; tests/retrain/test_refit.py covers training it again with the
-    # held-out slice (the default), which would double every test retrain's training.
+    # One held-out slice judges, and the judged candidate itself serves; tests/retrain/test_refit.py covers the
+    # defaults (a model per fold, then the recipe again on every label), which would triple every test retrain.
+    "FLYWHEEL_RETRAIN_FOLDS": "1",
     "FLYWHEEL_RETRAIN_REFIT": "false",
     # Exporting and measuring the ONNX variants costs seconds per registered version, which most tests register
     # many of; tests/flywheel/test_runtime.py trains with the default (auto) and covers the runtimes.

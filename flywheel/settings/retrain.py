@@ -37,8 +37,8 @@ class RetrainSettings(FlywheelSettings):
     retrain_time_budget_minutes: float = Field(
         15.0,
         gt=0,
-        description="Wall time of one run's candidates: no further candidate starts once the longest so far would "
-        "not fit.",
+        description="Wall time of one run's candidates: no further candidate starts once the longest so far (and, "
+        "with FLYWHEEL_RETRAIN_REFIT, one more model's time for the refit) would not fit.",
     )
     retrain_feedback_weight: float = Field(
         3.0,
@@ -72,13 +72,22 @@ class RetrainSettings(FlywheelSettings):
     retrain_replay_rows: int = Field(
         20_000, ge=0, description="Most rows of the champion's training data replayed so the model keeps what it knew."
     )
+    retrain_folds: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Folds of the fresh trusted labels that judge a recipe (cross-fitting): each fold is held out from "
+        "one model of the recipe and judged by it, so every trusted label judges a model that never learned it; "
+        "1: a single held-out slice of FLYWHEEL_RETRAIN_EVAL_FRACTION judges. A fold model never serves while "
+        "FLYWHEEL_RETRAIN_REFIT trains the recipe once more on every label.",
+    )
     retrain_eval_fraction: float = Field(
         0.3,
         gt=0,
         lt=1,
-        description="Share of fresh trusted feedback texts held out from the candidates' training to judge them "
-        "against the champion (only trusted or reviewer-confirmed labels judge a challenger); with "
-        "FLYWHEEL_RETRAIN_REFIT the served model learns from them once they have judged.",
+        description="With FLYWHEEL_RETRAIN_FOLDS=1: share of fresh trusted feedback texts held out from the "
+        "candidates' training to judge them against the champion (only trusted or reviewer-confirmed labels judge a "
+        "challenger).",
     )
     retrain_min_eval_rows: int = Field(
         30,
