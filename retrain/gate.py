@@ -54,6 +54,13 @@ def summary(champion: GateScores, challenger: GateScores) -> str:
     return f"{feedback}, {holdout}"
 
 
+def allowed_class_drop(max_class_drop: float, rows: int) -> float:
+    """How far one class's F1 on the retained rows may fall when it has ``rows`` rows there."""
+    # One more error on a class of n rows moves its F1 by about 1/n: on a class of 11 rows that is 9 points, and
+    # a fixed 3-point limit would refuse every challenger for a single row.
+    return max(max_class_drop, 1 / rows) if rows else max_class_drop
+
+
 def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimits) -> str | None:
     """Why the challenger gave up too much of the golden holdout, or None when it kept it."""
     drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
@@ -64,10 +71,8 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
         )
     for label, before in sorted(champion.holdout_class_f1.items()):
         after = challenger.holdout_class_f1.get(label, 0.0)
-        # One more error on a class of n rows moves its F1 by about 1/n: on a class of 11 rows that is 9 points, and
-        # a fixed 3-point limit would refuse every challenger for a single row.
         rows = champion.holdout_class_rows.get(label, 0)
-        allowed = max(limits.max_class_drop, 1 / rows) if rows else limits.max_class_drop
+        allowed = allowed_class_drop(limits.max_class_drop, rows)
         if before - after > allowed:
             return (
                 f"holdout F1 of class {label!r} fell {before:.4f} -> {after:.4f}, more than {allowed:.4f} (on "
