@@ -95,11 +95,14 @@ class Outcome:
         return self.champion_old - self.served_old
 
 
-def compare(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame, seed: int) -> tuple[float, float,
-                                                                                                  tuple[float, float]]:
+def compare(champion: ModelVersion, served: ModelVersion, frame: pd.DataFrame, seed: int, *,
+            own_labels: bool = False) -> tuple[float, float, tuple[float, float]]:
     """Macro-F1 of both models on ``frame`` and the paired-bootstrap 95% interval of the served model's difference,
-    over every label either model has (a label the champion lacks counts as one it never gets right)."""
-    truth, labels = frame["label"].tolist(), both_labels(champion, served, frame)
+    over every label either model has (a label the champion lacks counts as one it never gets right), or with
+    ``own_labels`` over the labels ``frame`` has, as the gate scores a holdout frozen before a label was added (a
+    wrong guess of the new label still costs its row's class)."""
+    truth = frame["label"].tolist()
+    labels = sorted(set(truth)) if own_labels else both_labels(champion, served, frame)
     before = classify(champion, frame["text"].tolist())
     after = before if served.version == champion.version else classify(served, frame["text"].tolist())
     interval = bootstrap_macro_f1(truth, after, labels, baseline=before, seed=seed)
@@ -233,7 +236,7 @@ def run_task(args: argparse.Namespace) -> None:
             result = run_loop(home, env, [("annotator", Role.ANNOTATOR, corrections)])
             loop_seconds = time.monotonic() - started
             new = compare(champion, result.model, held_out, seed)
-            old = compare(champion, result.model, golden, seed)
+            old = compare(champion, result.model, golden, seed, own_labels=True)
             chosen = str((result.run.gate_evidence or {}).get("chosen", "-"))
             outcome = TaskOutcome(
                 seed, result.run.status, chosen, result.run.reason or "", new[0], new[1], new[2], old[0], old[1],

@@ -55,8 +55,8 @@ def summary(champion: GateScores, challenger: GateScores) -> str:
 
 
 def allowed_class_drop(max_class_drop: float, rows: int) -> float:
-    """How far one class's F1 on the retained rows may fall when it has ``rows`` rows there."""
-    # One more error on a class of n rows moves its F1 by about 1/n: on a class of 11 rows that is 9 points, and
+    """How far an F1 measured on ``rows`` retained rows (one class's, or macro-F1 over all of them) may fall."""
+    # One more error among n rows moves their F1 by about 1/n: on a class of 11 rows that is 9 points, and
     # a fixed 3-point limit would refuse every challenger for a single row.
     return max(max_class_drop, 1 / rows) if rows else max_class_drop
 
@@ -64,9 +64,12 @@ def allowed_class_drop(max_class_drop: float, rows: int) -> float:
 def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimits) -> str | None:
     """Why the challenger gave up too much of the golden holdout, or None when it kept it."""
     drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
-    if drop > limits.max_holdout_drop:
+    # The same resolution limit as a class's: on 22 retained rows (a small N-label set whose new label has no holdout
+    # row) one row moves macro-F1 by about 4.5 points, and a 1-point limit refuses every candidate for it.
+    allowed = allowed_class_drop(limits.max_holdout_drop, challenger.holdout_rows)
+    if drop > allowed:
         return (
-            f"golden holdout fell more than {limits.max_holdout_drop:.4f} (on {challenger.holdout_rows} rows: the "
+            f"golden holdout fell more than {allowed:.4f} (on {challenger.holdout_rows} rows: the "
             f"holdout and the champion's validation rows): {summary(champion, challenger)}"
         )
     for label, before in sorted(champion.holdout_class_f1.items()):

@@ -119,7 +119,8 @@ class RetrainSettings(FlywheelSettings):
         0.01,
         ge=0,
         description="Most macro-F1 on the retained rows (the golden holdout plus the champion's validation rows) a "
-        "challenger may lose against the champion, and another candidate against the run's reference (0.01 = 1 pt).",
+        "challenger may lose against the champion, and another candidate against the run's reference (0.01 = 1 pt); "
+        "on n retained rows at least 1/n (one row's change), which fewer rows cannot resolve.",
     )
     retrain_max_class_drop: float = Field(
         0.03,

@@ -113,6 +113,20 @@ def test_a_class_of_few_rows_is_not_refused_for_one_row() -> None:
     assert refused is not None and "class 'positive' fell 0.7500 -> 0.7100, more than 0.0300 (on 200 rows" in refused
 
 
+def test_few_retained_rows_are_not_refused_for_one_row_of_macro_f1() -> None:
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
+    # 22 retained rows: one row costs about 1/22 = 4.5 points of macro-F1, a change they cannot resolve.
+    champion = GateScores(holdout_macro_f1=0.8120, feedback_macro_f1=0.47, holdout_rows=22)
+    one_row = champion.model_copy(update={"holdout_macro_f1": 0.7851})
+    assert keeps_holdout(champion, one_row, limits) is None
+    two_rows = champion.model_copy(update={"holdout_macro_f1": 0.7200})
+    refused = keeps_holdout(champion, two_rows, limits)
+    assert refused is not None and refused.startswith("golden holdout fell more than 0.0455 (on 22 rows")
+    # On 380 rows the configured point is the limit: one row there is 0.26 of a point.
+    many = champion.model_copy(update={"holdout_rows": 380})
+    assert keeps_holdout(many, many.model_copy(update={"holdout_macro_f1": 0.7990}), limits) is not None
+
+
 def test_another_recipe_replaces_the_reference_only_when_surely_better_and_as_retentive() -> None:
     limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03)
     reference = GateScores(holdout_macro_f1=0.80, feedback_macro_f1=0.80, holdout_class_f1={"a": 0.8, "b": 0.8})
