@@ -57,7 +57,7 @@ from flywheel.registry import ModelRegistry, ModelVersion
 from flywheel.settings import Settings
 from retrain.data import load_dataset
 from retrain.evaluation import bootstrap_macro_f1, score
-from retrain.gate import allowed_class_drop
+from retrain.gate import allowed_drop
 from retrain.pipeline import TrainingPipeline, validation_data
 from retrain.trainer import Trainer
 
@@ -191,7 +191,7 @@ def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
         cells = []
         for label, before in sorted(champion.items()):
             after = float(classes.get(label, 0.0))
-            mark = " REFUSED" if before - after > allowed_class_drop(max_class_drop, rows[label]) else ""
+            mark = " REFUSED" if before - after > allowed_drop(max_class_drop, rows[label]) else ""
             cells.append(f"{label} {before:.3f}->{after:.3f} ({(after - before) * 100:+.1f}){mark}")
         kept = record.get("refused") or "kept (holdout and every class within the limits)"
         lines.append(f"{record.get('name')!s:<6} on {record.get('holdout_rows', '?')} retained rows: "

@@ -54,11 +54,11 @@ def summary(champion: GateScores, challenger: GateScores) -> str:
     return f"{feedback}, {holdout}"
 
 
-def allowed_class_drop(max_class_drop: float, rows: int) -> float:
+def allowed_drop(limit: float, rows: int) -> float:
     """How far an F1 measured on ``rows`` retained rows (one class's, or macro-F1 over all of them) may fall."""
     # One more error among n rows moves their F1 by about 1/n: on a class of 11 rows that is 9 points, and
     # a fixed 3-point limit would refuse every challenger for a single row.
-    return max(max_class_drop, 1 / rows) if rows else max_class_drop
+    return max(limit, 1 / rows) if rows else limit
 
 
 def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimits) -> str | None:
@@ -66,7 +66,7 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
     drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
     # The same resolution limit as a class's: on 22 retained rows (a small N-label set whose new label has no holdout
     # row) one row moves macro-F1 by about 4.5 points, and a 1-point limit refuses every candidate for it.
-    allowed = allowed_class_drop(limits.max_holdout_drop, challenger.holdout_rows)
+    allowed = allowed_drop(limits.max_holdout_drop, challenger.holdout_rows)
     if drop > allowed:
         return (
             f"golden holdout fell more than {allowed:.4f} (on {challenger.holdout_rows} rows: the "
@@ -75,7 +75,7 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
     for label, before in sorted(champion.holdout_class_f1.items()):
         after = challenger.holdout_class_f1.get(label, 0.0)
         rows = champion.holdout_class_rows.get(label, 0)
-        allowed = allowed_class_drop(limits.max_class_drop, rows)
+        allowed = allowed_drop(limits.max_class_drop, rows)
         if before - after > allowed:
             return (
                 f"holdout F1 of class {label!r} fell {before:.4f} -> {after:.4f}, more than {allowed:.4f} (on "

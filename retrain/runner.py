@@ -196,7 +196,7 @@ class RetrainRunner:
         champion_scored = combine("champion", [score_version(champion, fold, retained) for fold in folds], truth)
         self._update(run_id, champion_metrics=champion_scored.metrics)
         tried, records = self._train_candidates(
-            run_id, champion, folds, retained, champion_scored=champion_scored, limits=limits, started=started
+            run_id, champion, folds, retained, truth, champion_scored=champion_scored, limits=limits, started=started
         )
         allowed = [scored for scored in tried if scored.refused is None]
         if not allowed:
@@ -276,21 +276,20 @@ class RetrainRunner:
         champion: ModelVersion,
         folds: list[RetrainData],
         retained: pd.DataFrame,
+        truth: list[str],
         *,
         champion_scored: Scored,
         limits: GateLimits,
         started: float,
     ) -> tuple[list[Scored], list[dict[str, Any]]]:
         """Train each candidate of the grid, one model per fold, within the time budget; record every one in the run
-        as it finishes."""
+        as it finishes. ``truth``: the labels of every fold's held-out rows, in fold order."""
         tried: list[Scored] = []
         records: list[dict[str, Any]] = []
-        truth = judged(folds).feedback_eval["label"].tolist()
         for candidate in candidates(self.settings):
-            longest = max((float(record.get("seconds") or 0.0) for record in records), default=0.0)
             # With a refit to come, one model's time stays reserved for it: it is what serves.
-            reserve = longest / len(folds) if self.settings.retrain_refit else 0.0
-            skip = self._out_of_time(started, longest + reserve) if tried else None
+            models = len(folds) + (1 if self.settings.retrain_refit else 0)
+            skip = self._out_of_time(started, models * _longest_model(records)) if tried else None
             if skip is not None:
                 records.append({"name": candidate.name, "skipped": skip})
                 continue
@@ -337,10 +336,7 @@ class RetrainRunner:
         """
         if not self.settings.retrain_refit:
             return chosen, data.feedback_train_ids
-        # One model now, where each candidate trained one per fold.
-        longest = max(float(record.get("seconds") or 0.0) / max(1, len(record.get("folds") or [1]))
-                      for record in records)
-        name, skip = f"{chosen.name}+held-out", self._out_of_time(started, longest)
+        name, skip = f"{chosen.name}+held-out", self._out_of_time(started, _longest_model(records))
         if skip is not None:
             records.append({"name": name, "refit_of": chosen.name, "skipped": skip})
             self._update(run_id, candidates=list(records))
@@ -376,3 +372,9 @@ class RetrainRunner:
         shown = ", ".join(f"{source} {count}" for source, count in biggest[:3]) + (", ..." if len(biggest) > 3 else "")
         share = self.settings.retrain_max_principal_share
         return f"; the per-principal cap ({share * 100:g}%) left out {data.capped_rows} feedback rows ({shown})"
+
+
+def _longest_model(records: list[dict[str, Any]]) -> float:
+    """Seconds of the slowest single model trained so far: a candidate's record covers one model per fold."""
+    return max((float(record.get("seconds") or 0.0) / len(record.get("folds") or [None]) for record in records),
+               default=0.0)
