@@ -178,7 +178,8 @@ def per_class_f1(champion: ModelVersion, served: ModelVersion, frame: pd.DataFra
 
 def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
     """The run record's per-class gate figures: each candidate's F1 per class on the retained rows against the
-    champion's, and whether the drop exceeds the gate's per-class limit for a class of that many rows."""
+    champion's, and whether the drop exceeds the gate's per-class limit for a class of that many rows (it refuses only
+    a drop the retained rows can tell from noise: the record's reason says which)."""
     retained = ((run.champion_metrics or {}).get("retained") or {}).get("per_class") or {}
     champion = {label: float(m["f1"]) for label, m in retained.items()}
     rows = {label: int(m["support"]) for label, m in retained.items()}
@@ -191,7 +192,7 @@ def gate_lines(run: RetrainRunPublic, max_class_drop: float) -> list[str]:
         cells = []
         for label, before in sorted(champion.items()):
             after = float(classes.get(label, 0.0))
-            mark = " REFUSED" if before - after > allowed_drop(max_class_drop, rows[label]) else ""
+            mark = " over limit" if before - after > allowed_drop(max_class_drop, rows[label]) else ""
             cells.append(f"{label} {before:.3f}->{after:.3f} ({(after - before) * 100:+.1f}){mark}")
         kept = record.get("refused") or "kept (holdout and every class within the limits)"
         lines.append(f"{record.get('name')!s:<6} on {record.get('holdout_rows', '?')} retained rows: "

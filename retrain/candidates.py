@@ -98,6 +98,8 @@ class Scored:
 
     #: The models of this recipe, one per fold of the judged feedback (just ``version`` with a single slice).
     folds: list[ModelVersion] = field(default_factory=list)
+    #: Those models scored one by one, each on its own fold (empty for a single model).
+    parts: list[Scored] = field(default_factory=list)
 
     def trained_on_held_out(self) -> Scored:
         """The same model, known to have learned from the held-out feedback: it has no score there to compare."""
@@ -171,6 +173,8 @@ def score_version(version: ModelVersion, data: RetrainData, retained: pd.DataFra
         holdout_class_f1={label: m.f1 for label, m in retention.per_class.items()},
         holdout_class_rows={label: m.support for label, m in retention.per_class.items()},
         holdout_rows=retention.rows,
+        retained_truth=retained["label"].tolist(),
+        retained_predicted=kept,
     )
     metrics = {
         "version": version.version,
@@ -184,13 +188,12 @@ def score_version(version: ModelVersion, data: RetrainData, retained: pd.DataFra
 def combine(name: str, parts: list[Scored], truth: list[str]) -> Scored:
     """A recipe judged out of fold: ``parts`` are its models, each scored on the fold of feedback it never learned
     (``truth``: those folds' labels, in order). Their predictions together judge it on every held-out label; on the
-    retained rows it counts as its worst model, class by class. It stands for its first model (what serves if the
-    recipe is not trained again on every label)."""
+    retained rows it shows its worst model's figures (the runner checks every model there). It stands for its first
+    model (what serves if the recipe is not trained again on every label)."""
     predicted = [label for part in parts for label in part.predicted]
     feedback = score(truth, predicted, sorted(set(truth)))
     worst = min(parts, key=lambda part: part.scores.holdout_macro_f1)
-    classes = {label: min(part.scores.holdout_class_f1.get(label, 0.0) for part in parts)
-               for label in worst.scores.holdout_class_f1}
-    scores = worst.scores.model_copy(update={"feedback_macro_f1": feedback.macro_f1, "holdout_class_f1": classes})
+    scores = worst.scores.model_copy(update={"feedback_macro_f1": feedback.macro_f1})
     metrics = {**parts[0].metrics, "retained": worst.metrics["retained"], "feedback": feedback.model_dump()}
-    return Scored(name, parts[0].version, scores, metrics, predicted, folds=[part.version for part in parts])
+    return Scored(name, parts[0].version, scores, metrics, predicted, folds=[part.version for part in parts],
+                  parts=parts)

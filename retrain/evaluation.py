@@ -88,17 +88,18 @@ def predictions(classifier: Classifier, texts: Sequence[str], batch_size: int = 
     return [classifier.labels[i] for i in probs.argmax(axis=1)]
 
 
-def _macro_f1_rows(truth: np.ndarray, predicted: np.ndarray, n_labels: int, rows: np.ndarray) -> np.ndarray:
-    """Macro-F1 of every bootstrap sample at once: ``rows`` is (samples, n) indices into the set."""
+def _class_f1_rows(truth: np.ndarray, predicted: np.ndarray, n_labels: int, rows: np.ndarray) -> np.ndarray:
+    """Each label's F1 in every bootstrap sample at once: ``rows`` is (samples, n) indices into the set; the result
+    is (samples, labels)."""
     t, p = truth[rows], predicted[rows]
-    f1 = np.zeros(rows.shape[0])
+    f1 = np.zeros((rows.shape[0], n_labels))
     for label in range(n_labels):
         tp = ((t == label) & (p == label)).sum(1)
         fp = ((t != label) & (p == label)).sum(1)
         fn = ((t == label) & (p != label)).sum(1)
         denominator = 2 * tp + fp + fn
-        f1 += np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
-    return f1 / n_labels
+        f1[:, label] = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    return f1
 
 
 def bootstrap_macro_f1(
@@ -120,10 +121,33 @@ def bootstrap_macro_f1(
     truth = np.array([index[label] for label in y_true])
     predicted = np.array([index.get(label, -1) for label in y_pred])
     rows = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
-    values = _macro_f1_rows(truth, predicted, len(index), rows)
+    values = _class_f1_rows(truth, predicted, len(index), rows).mean(1)
     if baseline is not None:
         other = np.array([index.get(label, -1) for label in baseline])
-        values = values - _macro_f1_rows(truth, other, len(index), rows)
+        values = values - _class_f1_rows(truth, other, len(index), rows).mean(1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def bootstrap_change_highs(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    baseline: Sequence[str],
+    labels: Sequence[str],
+    *,
+    confidence: float,
+    samples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, dict[str, float]]:
+    """Upper ends of the paired-bootstrap intervals of ``y_pred``'s change over ``baseline`` on the same rows: of
+    macro-F1 (over ``labels``) and of each label's F1. Below zero, the predictions are surely worse there."""
+    index = {label: i for i, label in enumerate(labels)}
+    truth = np.array([index[label] for label in y_true])
+    ours = np.array([index.get(label, -1) for label in y_pred])
+    theirs = np.array([index.get(label, -1) for label in baseline])
+    rows = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
+    change = _class_f1_rows(truth, ours, len(index), rows) - _class_f1_rows(truth, theirs, len(index), rows)
+    top = 100 - (1 - confidence) / 2 * 100
+    macro = float(np.percentile(change.mean(1), top))
+    return macro, {label: float(np.percentile(change[:, i], top)) for label, i in index.items()}

@@ -191,6 +191,8 @@ class RetrainRunner:
             min_gain=self.settings.retrain_min_gain,
             max_holdout_drop=self.settings.retrain_max_holdout_drop,
             max_class_drop=self.settings.retrain_max_class_drop,
+            holdout_confidence=self.settings.retrain_holdout_confidence,
+            seed=self.settings.seed,
         )
         retained, truth = retained_rows(self.settings, data), data.feedback_eval["label"].tolist()
         champion_scored = combine("champion", [score_version(champion, fold, retained) for fold in folds], truth)
@@ -299,7 +301,9 @@ class RetrainRunner:
                                           progress=self.progress, stop=self.stop)
                 parts.append(score_version(version, fold, retained, name=candidate.name))
             scored = combine(candidate.name, parts, truth)
-            scored.refused = keeps_holdout(champion_scored.scores, scored.scores, limits)
+            # Every model of the recipe must keep the retained rows: the refit that serves is one more draw of it.
+            scored.refused = next((why for part in parts
+                                   if (why := keeps_holdout(champion_scored.scores, part.scores, limits))), None)
             tried.append(scored)
             records.append(scored.record(candidate, self.settings, time.monotonic() - began))
             self._update(run_id, candidates=list(records))

@@ -122,6 +122,14 @@ class RetrainSettings(FlywheelSettings):
         "challenger may lose against the champion, and another candidate against the run's reference (0.01 = 1 pt); "
         "on n retained rows at least 1/n (one row's change), which fewer rows cannot resolve.",
     )
+    retrain_holdout_confidence: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description="Confidence of the paired-bootstrap interval of a drop on the retained rows: a drop beyond "
+        "`FLYWHEEL_RETRAIN_MAX_HOLDOUT_DROP` or `FLYWHEEL_RETRAIN_MAX_CLASS_DROP` refuses only when the interval lies "
+        "below zero (0.8: a one-sided 90% bound that the challenger is worse; closer to 1 lets more drops through).",
+    )
     retrain_max_class_drop: float = Field(
         0.03,
         ge=0,

@@ -10,6 +10,7 @@ from feedback.store import FeedbackStore
 from flywheel.labels import LabelLedger
 from flywheel.models.retrain import RunStatus, RunTrigger
 from retrain.dataset import assemble
+from retrain.evaluation import score
 from retrain.gate import GateLimits, GateScores, decide, keeps_holdout, replaces
 from retrain.pipeline import validation_data
 from retrain.runner import RetrainRunner
@@ -125,6 +126,41 @@ def test_few_retained_rows_are_not_refused_for_one_row_of_macro_f1() -> None:
     # On 380 rows the configured point is the limit: one row there is 0.26 of a point.
     many = champion.model_copy(update={"holdout_rows": 380})
     assert keeps_holdout(many, many.model_copy(update={"holdout_macro_f1": 0.7990}), limits) is not None
+
+
+def _retained(truth: list[str], predicted: list[str]) -> GateScores:
+    """A model's gate scores on retained rows, with the predictions the paired interval resamples."""
+    metrics = score(truth, predicted, sorted(set(truth)))
+    return GateScores(holdout_macro_f1=metrics.macro_f1, feedback_macro_f1=0.6, holdout_rows=metrics.rows,
+                      holdout_class_f1={label: m.f1 for label, m in metrics.per_class.items()},
+                      holdout_class_rows={label: m.support for label, m in metrics.per_class.items()},
+                      retained_truth=truth, retained_predicted=predicted)
+
+
+def test_a_drop_the_retained_rows_cannot_tell_from_noise_does_not_refuse() -> None:
+    truth = ["neg"] * 190 + ["pos"] * 190
+    flip = {"neg": "pos", "pos": "neg"}
+    # The champion misses every fifth row. A challenger fixes 12 of those misses and makes 18 new ones: 1.6 points
+    # of macro-F1 lower, beyond the 1-point limit, but churn of 30 rows among 380 cannot resolve it.
+    champion = [flip[label] if i % 5 == 0 else label for i, label in enumerate(truth)]
+    churned = list(champion)
+    fixed = [i for i in range(0, 380, 5)][:12]
+    broken = [i for i in range(1, 380, 5)][:18]
+    for i in fixed + broken:
+        churned[i] = flip[churned[i]]
+    limits = GateLimits(min_gain=0.0, max_holdout_drop=0.01, max_class_drop=0.03, holdout_confidence=0.8)
+    before, noisy = _retained(truth, champion), _retained(truth, churned)
+    assert before.holdout_macro_f1 - noisy.holdout_macro_f1 > 0.01
+    assert keeps_holdout(before, noisy, limits) is None
+    # The figure alone (no confidence) refuses it, as the gate did before.
+    assert keeps_holdout(before, noisy, limits.model_copy(update={"holdout_confidence": None})) is not None
+    # A challenger that only breaks rows (30 new misses, nothing fixed) is surely worse: refused, and the reason says.
+    worse = list(champion)
+    for i in [i for i in range(1, 380, 5)][:30]:
+        worse[i] = flip[worse[i]]
+    refused = keeps_holdout(before, _retained(truth, worse), limits)
+    assert refused is not None and refused.startswith("golden holdout fell more than 0.0100 (on 380 rows")
+    assert "surely worse: the 80% interval of the change ends at -" in refused
 
 
 def test_another_recipe_replaces_the_reference_only_when_surely_better_and_as_retentive() -> None:
