@@ -96,10 +96,14 @@ class Scored:
     #: Why the gate may not choose it (it gave up too much of the golden holdout), or None.
     refused: str | None = None
 
-    #: The models of this recipe, one per fold of the judged feedback (just ``version`` with a single slice).
-    folds: list[ModelVersion] = field(default_factory=list)
-    #: Those models scored one by one, each on its own fold (empty for a single model).
+    #: The models of this recipe scored one by one, one per fold of the judged feedback, each on its own fold
+    #: (empty for a single model).
     parts: list[Scored] = field(default_factory=list)
+
+    @property
+    def folds(self) -> list[ModelVersion]:
+        """The recipe's models, one per fold (just ``version`` with a single slice)."""
+        return [part.version for part in self.parts] or [self.version]
 
     def trained_on_held_out(self) -> Scored:
         """The same model, known to have learned from the held-out feedback: it has no score there to compare."""
@@ -195,5 +199,4 @@ def combine(name: str, parts: list[Scored], truth: list[str]) -> Scored:
     worst = min(parts, key=lambda part: part.scores.holdout_macro_f1)
     scores = worst.scores.model_copy(update={"feedback_macro_f1": feedback.macro_f1})
     metrics = {**parts[0].metrics, "retained": worst.metrics["retained"], "feedback": feedback.model_dump()}
-    return Scored(name, parts[0].version, scores, metrics, predicted, folds=[part.version for part in parts],
-                  parts=parts)
+    return Scored(name, parts[0].version, scores, metrics, predicted, parts=parts)

@@ -117,14 +117,9 @@ def bootstrap_macro_f1(
     The difference is paired: both sets of predictions are scored on each resample of the rows, so what the two
     models get right together cancels out and the interval is as narrow as the set allows.
     """
-    index = {label: i for i, label in enumerate(labels)}
-    truth = np.array([index[label] for label in y_true])
-    predicted = np.array([index.get(label, -1) for label in y_pred])
-    rows = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
-    values = _class_f1_rows(truth, predicted, len(index), rows).mean(1)
-    if baseline is not None:
-        other = np.array([index.get(label, -1) for label in baseline])
-        values = values - _class_f1_rows(truth, other, len(index), rows).mean(1)
+    ours, *theirs = _class_f1_samples(y_true, [y_pred, *([baseline] if baseline is not None else [])], labels,
+                                      samples, seed)
+    values = ours.mean(1) - (theirs[0].mean(1) if theirs else 0.0)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
@@ -142,12 +137,19 @@ def bootstrap_change_highs(
 ) -> tuple[float, dict[str, float]]:
     """Upper ends of the paired-bootstrap intervals of ``y_pred``'s change over ``baseline`` on the same rows: of
     macro-F1 (over ``labels``) and of each label's F1. Below zero, the predictions are surely worse there."""
-    index = {label: i for i, label in enumerate(labels)}
-    truth = np.array([index[label] for label in y_true])
-    ours = np.array([index.get(label, -1) for label in y_pred])
-    theirs = np.array([index.get(label, -1) for label in baseline])
-    rows = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
-    change = _class_f1_rows(truth, ours, len(index), rows) - _class_f1_rows(truth, theirs, len(index), rows)
+    ours, theirs = _class_f1_samples(y_true, [y_pred, baseline], labels, samples, seed)
+    change = ours - theirs
     top = 100 - (1 - confidence) / 2 * 100
     macro = float(np.percentile(change.mean(1), top))
-    return macro, {label: float(np.percentile(change[:, i], top)) for label, i in index.items()}
+    return macro, {label: float(np.percentile(change[:, i], top)) for i, label in enumerate(labels)}
+
+
+def _class_f1_samples(
+    y_true: Sequence[str], predicted: list[Sequence[str]], labels: Sequence[str], samples: int, seed: int
+) -> list[np.ndarray]:
+    """Each set of ``predicted`` labels' per-label F1 on the same bootstrap resamples of the rows (paired)."""
+    index = {label: i for i, label in enumerate(labels)}
+    truth = np.array([index[label] for label in y_true])
+    rows = np.random.default_rng(seed).integers(0, len(truth), size=(samples, len(truth)))
+    return [_class_f1_rows(truth, np.array([index.get(label, -1) for label in each]), len(index), rows)
+            for each in predicted]

@@ -3,6 +3,7 @@ retained rows' macro-F1 nor any class's F1 there got measurably worse by more th
 
 from __future__ import annotations
 
+import functools
 import math
 
 from pydantic import BaseModel
@@ -80,12 +81,13 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
     macro-F1 difference is about 1.5 points: refusing on the figure alone refused a model no worse than the champion
     in about one run of four (its figure on 2,000 unseen reviews was +0.4 where the retained rows read -3.3).
     """
-    highs = _change_highs(champion, challenger, limits)
+    # Resampled only once a drop is over its limit: most checks never need it.
+    interval = functools.cache(lambda: _change_highs(champion, challenger, limits))
     drop = champion.holdout_macro_f1 - challenger.holdout_macro_f1
     # The same resolution limit as a class's: on 22 retained rows (a small N-label set whose new label has no holdout
     # row) one row moves macro-F1 by about 4.5 points, and a 1-point limit refuses every candidate for it.
     allowed = allowed_drop(limits.max_holdout_drop, challenger.holdout_rows)
-    if drop > allowed and (highs is None or highs[0] < 0):
+    if drop > allowed and ((highs := interval()) is None or highs[0] < 0):
         return (
             f"golden holdout fell more than {allowed:.4f} (on {challenger.holdout_rows} rows: the "
             f"holdout and the champion's validation rows{_sure(None if highs is None else highs[0], limits)}): "
@@ -95,8 +97,7 @@ def keeps_holdout(champion: GateScores, challenger: GateScores, limits: GateLimi
         after = challenger.holdout_class_f1.get(label, 0.0)
         rows = champion.holdout_class_rows.get(label, 0)
         allowed = allowed_drop(limits.max_class_drop, rows)
-        high = None if highs is None else highs[1].get(label, -1.0)
-        if before - after > allowed and (high is None or high < 0):
+        if before - after > allowed and ((high := _class_high(interval(), label)) is None or high < 0):
             return (
                 f"holdout F1 of class {label!r} fell {before:.4f} -> {after:.4f}, more than {allowed:.4f} (on "
                 f"{rows} rows of it{_sure(high, limits)}): {summary(champion, challenger)}"
@@ -114,6 +115,11 @@ def _change_highs(
         return None
     return bootstrap_change_highs(truth, challenger.retained_predicted, champion.retained_predicted,
                                   sorted(set(truth)), confidence=limits.holdout_confidence, seed=limits.seed)
+
+
+def _class_high(highs: tuple[float, dict[str, float]] | None, label: str) -> float | None:
+    """One class's upper end from ``_change_highs``, or None when the gate judges by the figures alone."""
+    return None if highs is None else highs[1].get(label, -1.0)
 
 
 def _sure(high: float | None, limits: GateLimits) -> str:
